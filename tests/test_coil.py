@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import tiny_cfg
 
 import cilkit
 from cilkit.data.scenario import Task
@@ -25,8 +26,6 @@ from cilkit.methods.coil import (
 )
 from cilkit.models.heads import CosineLinear
 from cilkit.models.network import build_network
-
-TINY = {"model": {"backbone": "mlp", "hidden": [64]}, "train": {"epochs": 2}, "memory": {"size": 60}}
 
 
 def _method(hidden=4, **hp):
@@ -240,8 +239,7 @@ def test_coil_has_a_learnable_cosine_head_and_checks_rt_every():
 
 
 def test_end_to_end_on_digits(tmp_path):
-    layer = {**TINY, "method": "coil"}
-    exp = cilkit.Experiment(cilkit.resolve([layer]), tmp_path / "r", progress="off")
+    exp = cilkit.Experiment(tiny_cfg("coil"), tmp_path / "r", progress="off")
     metrics = exp.execute()
     s = metrics["summary"]
     assert metrics["complete"]

@@ -3,11 +3,11 @@ sparsity loss, pruning, classifier re-learning, resume and an end-to-end run."""
 
 import io
 import itertools
-import json
 import math
 
 import pytest
 import torch
+from tiny import SMALL_CONVNET, tiny_cfg
 
 import cilkit
 from cilkit.data.scenario import Task
@@ -22,9 +22,6 @@ from cilkit.methods._der_parts import (
 from cilkit.methods.der import DER
 from cilkit.models.backbones import MLP, ConvNet, ResNet
 from cilkit.models.network import build_network
-
-TINY = {"model": {"backbone": "mlp", "hidden": [64]}, "train": {"epochs": 2}, "memory": {"size": 60}}
-SMALL_CONVNET = {"backbone": "convnet", "widths": [8, 16]}  # has BatchNorm, whose statistics must not move
 
 
 def _method(hidden=4, **hp):
@@ -192,15 +189,14 @@ def test_pruned_parameter_counts_by_hand():
 
 
 def test_warmup_epochs_come_out_of_the_task_schedule():
-    cfg = cilkit.resolve([{**TINY, "method": "der", "train": {"epochs": 5, "first_epochs": 4},
-                           "method_args": {"warmup_epochs": 2, "warmup_first_task": False}}])
+    cfg = tiny_cfg("der", {"warmup_epochs": 2, "warmup_first_task": False}, train={"epochs": 5, "first_epochs": 4})
     eng = cilkit.Experiment(cfg, "unused", progress="off").engine
     t0, t1 = eng.scenario.tasks[:2]
     assert eng.method.stage(t0).epochs == 4 and eng.method.stage(t1).epochs == 3
 
 
 def test_old_extractor_stays_frozen_in_eval_mode_and_relearning_moves_only_the_classifier(tmp_path):
-    cfg = cilkit.resolve([{**TINY, "model": SMALL_CONVNET, "method": "der", "method_args": {"relearn_epochs": 2}}])
+    cfg = tiny_cfg("der", {"relearn_epochs": 2}, model=SMALL_CONVNET)
     eng = cilkit.Experiment(cfg, tmp_path / "r", progress="off").engine
     m = eng.method
     t0, t1 = eng.scenario.tasks[:2]
@@ -233,8 +229,7 @@ def test_old_extractor_stays_frozen_in_eval_mode_and_relearning_moves_only_the_c
 
 
 def test_resume_round_trip_after_two_tasks(tmp_path):
-    layer = {**TINY, "method": "der", "method_args": {"relearn_epochs": 2, "mask": True, "sparsity_weight": 5.0}}
-    cfg = cilkit.resolve([layer])
+    cfg = tiny_cfg("der", {"relearn_epochs": 2, "mask": True, "sparsity_weight": 5.0})
     eng = cilkit.Experiment(cfg, tmp_path / "a", progress="off").engine
     for t in eng.scenario.tasks[:2]:
         eng.run_task(t)
@@ -255,7 +250,7 @@ def test_resume_round_trip_after_two_tasks(tmp_path):
 
 
 def test_end_to_end_on_digits(tmp_path):
-    cfg = cilkit.resolve([{**TINY, "method": "der", "method_args": {"relearn_epochs": 2}}])
+    cfg = tiny_cfg("der", {"relearn_epochs": 2})
     exp = cilkit.Experiment(cfg, tmp_path / "r", progress="off")
     metrics = exp.execute()
     s = metrics["summary"]
@@ -269,25 +264,9 @@ def test_end_to_end_on_digits(tmp_path):
     assert all(c["params_pruned"] == c["params"] for c in counts)  # no masks by default
 
 
-def test_resumed_run_equals_the_uninterrupted_run(tmp_path, monkeypatch):
-    from cilkit.cli import main
-    from cilkit.engine.trainer import Engine
-
-    layer = {**TINY, "method": "der", "method_args": {"relearn_epochs": 2, "mask": True, "sparsity_weight": 5.0}}
-    cfg = cilkit.resolve([layer])
-    full = cilkit.Experiment(cfg, tmp_path / "full", progress="off").execute()
-    original = Engine.run_task
-
-    def interrupted(self, task):
-        if task.index == 2:
-            raise KeyboardInterrupt
-        return original(self, task)
-
-    monkeypatch.setattr(Engine, "run_task", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        cilkit.Experiment(cfg, tmp_path / "cut", progress="off").execute()
-    monkeypatch.setattr(Engine, "run_task", original)
-    assert main(["run", "--resume", str(tmp_path / "cut"), "--progress", "off"]) == 0
-    resumed = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+def test_resumed_run_equals_the_uninterrupted_run(run_cut_and_resumed):
+    cfg = tiny_cfg("der", {"relearn_epochs": 2, "mask": True, "sparsity_weight": 5.0})
+    full, partial, resumed = run_cut_and_resumed(cfg, cut_at=2)
+    assert len(partial["tasks"]) == 2 and len(resumed["tasks"]) == len(full["tasks"])
     for a, b in zip(resumed["tasks"], full["tasks"]):
         assert a["cnn"] == b["cnn"] and a["nme"] == b["nme"]

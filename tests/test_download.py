@@ -24,7 +24,7 @@ from cilkit.errors import DatasetError
 class QuietHandler(SimpleHTTPRequestHandler):
     """Serves files without logging every request to stderr."""
 
-    def log_message(self, format, *args):  # noqa: A002 - signature of the base class
+    def log_message(self, format, *args):
         pass
 
 

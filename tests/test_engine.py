@@ -6,7 +6,6 @@ import yaml
 
 from cilkit import Experiment, resolve
 from cilkit.cli import main
-from cilkit.engine.trainer import Engine
 
 FAST = {"train": {"epochs": 2, "batch_size": 64}, "model": {"backbone": "mlp", "hidden": [64]}, "memory": {"size": 60}}
 
@@ -47,27 +46,10 @@ def test_run_folder_contents(tmp_path):
     assert all(t["memory_size"] <= 60 for t in saved["tasks"])
 
 
-def test_resume_after_task_2_equals_the_uninterrupted_run(tmp_path, monkeypatch):
-    cfg = _cfg(method="replay")
-    full = Experiment(cfg, tmp_path / "full", progress="off").execute()
-
-    original = Engine.run_task
-
-    def interrupted(self, task):
-        if task.index == 2:
-            raise KeyboardInterrupt
-        return original(self, task)
-
-    monkeypatch.setattr(Engine, "run_task", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        Experiment(cfg, tmp_path / "cut", progress="off").execute()
-    monkeypatch.setattr(Engine, "run_task", original)
-    partial = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+def test_resume_after_task_2_equals_the_uninterrupted_run(run_cut_and_resumed):
+    full, partial, resumed = run_cut_and_resumed(_cfg(method="replay"), cut_at=2)
     assert len(partial["tasks"]) == 2 and not partial["complete"]
-
-    assert main(["run", "--resume", str(tmp_path / "cut"), "--progress", "off"]) == 0
-    resumed = json.loads((tmp_path / "cut" / "metrics.json").read_text())
-    assert _figures(resumed) == _figures(full)
+    assert resumed["complete"] and _figures(resumed) == _figures(full)
 
 
 def test_resume_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):

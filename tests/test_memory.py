@@ -58,7 +58,7 @@ def _grow(mem, classes, per_class=50):
 
 def test_fixed_total_budget_is_shared_equally_and_never_exceeded():
     mem = ExemplarMemory(total=100)
-    labels = _grow(mem, range(0, 4))
+    labels = _grow(mem, range(4))
     assert {c: len(v) for c, v in mem.exemplars.items()} == {c: 25 for c in range(4)}
     first_class0 = mem.exemplars[0].clone()
     _grow(mem, range(4, 10))
@@ -73,7 +73,7 @@ def test_fixed_total_budget_is_shared_equally_and_never_exceeded():
 
 def test_fixed_per_class_and_random_selection():
     mem = ExemplarMemory(total=None, per_class=20, selection="random")
-    _grow(mem, range(0, 3))
+    _grow(mem, range(3))
     _grow(mem, range(3, 10))
     assert len(mem) == 200 and {len(v) for v in mem.exemplars.values()} == {20}
     with pytest.raises(ValueError):
@@ -82,7 +82,7 @@ def test_fixed_per_class_and_random_selection():
 
 def test_memory_state_round_trip():
     mem = ExemplarMemory(total=60)
-    _grow(mem, range(0, 3))
+    _grow(mem, range(3))
     other = ExemplarMemory(total=60)
     other.load_state_dict(mem.state_dict())
     assert all(torch.equal(other.exemplars[c], mem.exemplars[c]) for c in mem.exemplars)

@@ -6,6 +6,7 @@ from functools import lru_cache
 
 import pytest
 import torch
+from tiny import tiny_cfg
 
 import cilkit
 from cilkit.data.scenario import Task
@@ -14,13 +15,9 @@ from cilkit.errors import ConfigError
 from cilkit.experiment import build_scenario
 from cilkit.methods.ssil import paper_memory, separated_ce, task_wise_kd
 
-TINY = {"model": {"backbone": "mlp", "hidden": [64]}, "train": {"epochs": 2}, "memory": {"size": 60}}
-
 
 def _cfg(method_args=None, **over):
-    layer = {**TINY, "method": "ssil", "method_args": method_args or {}}
-    layer.update(over)
-    return cilkit.resolve([layer])
+    return tiny_cfg("ssil", method_args, **over)
 
 
 @lru_cache(maxsize=1)
@@ -220,7 +217,7 @@ def test_replay_batch_size_must_be_positive():
 
 @pytest.mark.parametrize("args", [{}, {"epoch": "zip", "memory_rule": "paper"}])
 def test_end_to_end_on_digits(tmp_path, args):
-    exp = cilkit.Experiment(cilkit.resolve([{**TINY, "method": "ssil", "method_args": args}]), tmp_path / "r", progress="off")
+    exp = cilkit.Experiment(tiny_cfg("ssil", args), tmp_path / "r", progress="off")
     metrics = exp.execute()
     s = metrics["summary"]
     assert metrics["complete"] and len(metrics["tasks"]) == 5

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from tiny import SMALL_CONVNET, tiny_cfg
 
 import cilkit
 from cilkit.data.scenario import Task
@@ -11,8 +12,6 @@ from cilkit.engine.optim import Stage, build_optimizer, build_scheduler
 from cilkit.methods.ucir import UCIR, adaptive_lambda, less_forget_loss, margin_ranking_loss
 from cilkit.models.heads import CosineLinear
 from cilkit.models.network import build_network
-
-TINY = {"model": {"backbone": "mlp", "hidden": [64]}, "train": {"epochs": 2}, "memory": {"size": 60}}
 
 
 def _method(hidden=4, **hp):
@@ -161,8 +160,7 @@ def test_loss_adds_lambda_dis_and_margin_ranking_to_ce():
 
 
 def test_balanced_finetuning_moves_only_the_class_rows(tmp_path):
-    small_convnet = {"backbone": "convnet", "widths": [8, 16]}  # has BatchNorm, whose statistics must not move
-    cfg = cilkit.resolve([{**TINY, "model": small_convnet, "method": "ucir", "method_args": {"cbf_epochs": 2}}])
+    cfg = tiny_cfg("ucir", {"cbf_epochs": 2}, model=SMALL_CONVNET)  # BatchNorm statistics must not move
     eng = cilkit.Experiment(cfg, tmp_path / "r", progress="off").engine
     m = eng.method
     t0, t1 = eng.scenario.tasks[:2]
@@ -182,7 +180,7 @@ def test_balanced_finetuning_moves_only_the_class_rows(tmp_path):
 
 
 def test_end_to_end_on_digits(tmp_path):
-    cfg = cilkit.resolve([{**TINY, "method": "ucir", "method_args": {"cbf_epochs": 2}}])
+    cfg = tiny_cfg("ucir", {"cbf_epochs": 2})
     exp = cilkit.Experiment(cfg, tmp_path / "r", progress="off")
     metrics = exp.execute()
     s = metrics["summary"]

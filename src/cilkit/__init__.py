@@ -7,4 +7,4 @@ __version__ = "0.1.0"
 from cilkit.config import Config, resolve
 from cilkit.experiment import Experiment, run
 
-__all__ = ["Config", "Experiment", "resolve", "run", "__version__"]
+__all__ = ["Config", "Experiment", "__version__", "resolve", "run"]

@@ -206,7 +206,7 @@ class Engine:
         """CNN (and NME) accuracy on the test samples of every class seen up to ``task``."""
         n_seen = task.stop
         bounds = self.scenario.boundaries[: task.index + 2]
-        idx = self.test_data.indices_of(range(0, n_seen))
+        idx = self.test_data.indices_of(range(n_seen))
         self.net.eval()
         logits, feats, labels = [], [], []
         for x, y in self.test_data.iter_batches(idx, self.cfg.eval.batch_size):

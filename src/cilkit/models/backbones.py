@@ -7,11 +7,12 @@ what PODNet, LwM and SPB-I need (the last one is the pre-pooling map), and they 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class BasicBlock(nn.Module):
@@ -119,7 +120,7 @@ class MLP(nn.Module):
     def __init__(self, in_shape: Sequence[int], hidden: Sequence[int] = (256, 256), last_relu: bool = True):
         super().__init__()
         dims = [int(torch.tensor(in_shape).prod())] + list(hidden)
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
         self.out_dim = dims[-1]
         self.last_relu = last_relu
 

@@ -7,8 +7,8 @@ classes' rows" are always at hand (WA rescales the new block, UCIR freezes the o
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class IncrementalLinear(nn.Module):

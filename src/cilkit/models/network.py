@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from cilkit.models.backbones import build_backbone
 from cilkit.models.heads import IncrementalLinear

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 import yaml
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
