@@ -12,7 +12,14 @@ export PYTHONPATH=${PYTHONPATH:-src}
 log=${OUT:-benchmarks/runs/$protocol}
 mkdir -p "$log"
 # decode the dataset once before the runs start, so they do not all unpack it at the same time
-python -c "from cilkit.data.registry import load_dataset; load_dataset('$(grep -h dataset: src/cilkit/configs/protocols/$protocol/_base.yaml | sed 's/.*dataset: *\([a-z0-9-]*\).*/\1/')', '$root')" || exit 2
+python - "$protocol" "$1" "$root" <<'PY' || exit 2
+import sys
+from cilkit.config import load_yaml, resolve
+from cilkit.data.registry import load_dataset
+protocol, method, root = sys.argv[1:]
+cfg = resolve([load_yaml(f"protocols/{protocol}/{method}"), {"data": {"root": root}}])
+load_dataset(cfg.data.dataset, cfg.data.root)
+PY
 pids=""
 for m in "$@"; do
   timeout "$seconds" python benchmarks/protocol.py "$protocol" --methods "$m" --data-root "$root" --device cuda > "$log/$m.log" 2>&1 &
