@@ -1,0 +1,91 @@
+"""Record, or check against the record, the full metrics of every method on the embedded digits.
+
+Each method runs its default config (digits, B0-Inc2, convnet, seed 0) on the CPU with one thread,
+where training is deterministic. ``--record`` writes ``benchmarks/reference/digits/<method>.json``;
+the default ``--check`` reruns and compares every figure except timings with the record, so a
+refactoring that must change no behaviour can be verified to leave every per-task figure identical.
+
+    python benchmarks/digits_reference.py --record            # before the change
+    python benchmarks/digits_reference.py                     # after it: exit 1 on any difference
+    python benchmarks/digits_reference.py --methods der bic   # a subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REFERENCE = Path(__file__).resolve().parent / "reference" / "digits"
+TIMING = ("seconds", "time", "per_s")  # keys whose values are wall-clock measurements
+
+
+def strip_timings(node):
+    """``node`` without the wall-clock figures (and the device string), recursively."""
+    if isinstance(node, dict):
+        return {k: strip_timings(v) for k, v in node.items() if k != "device" and not any(t in k for t in TIMING)}
+    if isinstance(node, list):
+        return [strip_timings(v) for v in node]
+    return node
+
+
+def differences(a, b, path: str = "") -> list[str]:
+    """Every place where ``a`` and ``b`` differ, as dotted paths with both values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            if k not in a or k not in b:
+                out.append(f"{path}.{k}: only in {'recorded' if k in a else 'current'}")
+            else:
+                out += differences(a[k], b[k], f"{path}.{k}")
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [f"{path}: recorded {a!r}, current {b!r}"]
+
+
+def run_method(method: str) -> dict:
+    import cilkit
+
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = cilkit.run({"method": method, "device": "cpu"}, run_dir=Path(tmp) / "run", progress="off")
+    return strip_timings(metrics)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cilkit.methods import METHODS
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--record", action="store_true", help="write the reference instead of checking against it")
+    p.add_argument("--methods", nargs="*", default=sorted(METHODS))
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    REFERENCE.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for method in args.methods:
+        start = time.perf_counter()
+        current = run_method(method)
+        path = REFERENCE / f"{method}.json"
+        if args.record:
+            path.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
+            status = "recorded"
+        else:
+            diffs = differences(json.loads(path.read_text()), json.loads(json.dumps(current)))
+            status = "identical" if not diffs else f"{len(diffs)} differences: " + "; ".join(diffs[:5])
+            if diffs:
+                failed.append(method)
+        last = current["summary"].get("last_accuracy")
+        print(f"{method:10s} last {last:6.2f}  {time.perf_counter() - start:6.1f}s  {status}", flush=True)
+    if failed:
+        print(f"different: {' '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
