@@ -7,7 +7,7 @@ refactoring that must change no behaviour can be verified to leave every per-tas
 
     python benchmarks/digits_reference.py --record            # before the change
     python benchmarks/digits_reference.py                     # after it: exit 1 on any difference
-    python benchmarks/digits_reference.py --methods der bic   # a subset
+    python benchmarks/digits_reference.py --methods der bic   # a subset (a method or a VARIANTS name)
 """
 
 from __future__ import annotations
@@ -23,6 +23,24 @@ import torch
 
 REFERENCE = Path(__file__).resolve().parent / "reference" / "digits"
 TIMING = ("seconds", "time", "per_s")  # keys whose values are wall-clock measurements
+# Options that take other code paths (extra stages, masks, other batching or memory rules), recorded
+# beside the defaults: name -> (method, method_args).
+VARIANTS = {
+    "lwf+warmup": ("lwf", {"warmup_epochs": 2}),
+    "bic+pycil": ("bic", {"val_split": "pycil", "stage2_bn_train": True, "stage2_double_softmax": True}),
+    "der+mask": ("der", {"mask": True}),
+    "der+memory": ("der", {"relearn_data": "memory", "warmup_epochs": 2}),
+    "der+wa": ("der", {"classifier_stage": "weight_align"}),
+    "ssil+paper": ("ssil", {"memory_rule": "paper", "epoch": "zip"}),
+    "podnet+official": ("podnet", {"grad_clamp": 5.0, "nca_compat": True, "flat_loss": "cosine"}),
+    "coil+pycil": ("coil", {"marginals": "pycil", "pt_old_prototypes": "data", "rt_every": 3}),
+    "spb-i+instance": ("spb-i", {"ssl": "instance"}),
+    "spb-m+all": ("spb-m", {"distill_views": "all", "inference": "upright"}),
+    "icarl+kd": ("icarl", {"loss": "softmax_kd"}),
+    "ucir+nocbf": ("ucir", {"cbf": False, "imprint": False}),
+    "lwm+student": ("lwm", {"attention_class": "student", "distill": "bce"}),
+    "finetune+new": ("finetune", {"ce_mask": "new"}),
+}
 
 
 def strip_timings(node):
@@ -49,11 +67,13 @@ def differences(a, b, path: str = "") -> list[str]:
     return [] if a == b else [f"{path}: recorded {a!r}, current {b!r}"]
 
 
-def run_method(method: str) -> dict:
+def run_method(name: str) -> dict:
     import cilkit
 
+    method, args = VARIANTS.get(name, (name, {}))
     with tempfile.TemporaryDirectory() as tmp:
-        metrics = cilkit.run({"method": method, "device": "cpu"}, run_dir=Path(tmp) / "run", progress="off")
+        config = {"method": method, "method_args": args, "device": "cpu"}
+        metrics = cilkit.run(config, run_dir=Path(tmp) / "run", progress="off")
     return strip_timings(metrics)
 
 
@@ -62,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--record", action="store_true", help="write the reference instead of checking against it")
-    p.add_argument("--methods", nargs="*", default=sorted(METHODS))
+    p.add_argument("--methods", nargs="*", default=sorted(METHODS) + sorted(VARIANTS), help="methods or variants")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     REFERENCE.mkdir(parents=True, exist_ok=True)
@@ -80,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             if diffs:
                 failed.append(method)
         last = current["summary"].get("last_accuracy")
-        print(f"{method:10s} last {last:6.2f}  {time.perf_counter() - start:6.1f}s  {status}", flush=True)
+        print(f"{method:16s} last {last:6.2f}  {time.perf_counter() - start:6.1f}s  {status}", flush=True)
     if failed:
         print(f"different: {' '.join(failed)}", file=sys.stderr)
         return 1
