@@ -65,3 +65,20 @@ def test_subset_keeps_first_classes_of_the_order():
     assert sc.n_classes == 4 and len(sc.tasks) == 2
     assert sorted(np.unique(sc.dataset.train.images[:, 0, 0, 0]).tolist()) == sorted(kept.tolist())
     assert len(sc.dataset.test) == 4 * 3
+
+
+def _same_state(a, b):
+    return a[0] == b[0] and np.array_equal(a[1], b[1]) and a[2:] == b[2:]
+
+
+def test_seed_order_is_unchanged_and_leaves_the_global_rng_alone():
+    # observed from the original np.random.seed(1993); np.random.permutation(n) code: iCaRL / PyCIL order
+    first20 = [68, 56, 78, 8, 23, 84, 90, 65, 74, 76, 40, 89, 3, 92, 55, 9, 26, 80, 43, 38]
+    np.random.seed(123)
+    before = np.random.get_state()
+    order = class_order(100)
+    assert order[:20] == first20 and order[-5:] == [67, 29, 49, 57, 33] and sorted(order) == list(range(100))
+    assert _same_state(np.random.get_state(), before)
+    sc = make_scenario(_toy(), "B0-Inc5", order="seed")
+    assert sc.order == [4, 2, 7, 6, 0, 3, 5, 8, 9, 1]
+    assert _same_state(np.random.get_state(), before)

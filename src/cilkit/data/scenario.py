@@ -2,8 +2,9 @@
 
 ``B{base}-Inc{n}``: a first task of ``base`` classes (``B0`` means the first task also has ``n``),
 then tasks of ``n`` classes; a shorter last task takes the remainder, as PyCIL's DataManager does.
-The class order is ``numpy.random.seed(1993); numpy.random.permutation(n_classes)`` by default
-(iCaRL, UCIR, PyCIL). Labels are remapped once, so that task ``t`` holds consecutive ids.
+The class order is that of ``numpy.random.seed(1993); numpy.random.permutation(n_classes)`` by
+default (iCaRL, UCIR, PyCIL), drawn from a local ``RandomState`` so numpy's global RNG is untouched.
+Labels are remapped once, so that task ``t`` holds consecutive ids.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ _SCENARIO_RE = re.compile(r"^B(\d+)-?Inc(\d+)$", re.IGNORECASE)
 def class_order(n_classes: int, order: str | list[int] = "seed", seed: int = 1993) -> list[int]:
     """The order in which the original classes arrive.
 
-    ``"seed"``: ``np.random.seed(seed); np.random.permutation(n_classes)`` (the field's standard
-    with seed 1993); ``"identity"``: ``0..n-1``; a list: that permutation, checked.
+    ``"seed"``: ``np.random.RandomState(seed).permutation(n_classes)``, the same order as
+    ``np.random.seed(seed); np.random.permutation(n_classes)`` (the field's standard with seed 1993);
+    ``"identity"``: ``0..n-1``; a list: that permutation, checked.
     """
     if isinstance(order, str):
         if order == "seed":
-            np.random.seed(seed)
-            return [int(c) for c in np.random.permutation(n_classes)]
+            # a local generator: the same order as np.random.seed(seed); np.random.permutation(n),
+            # without touching numpy's global RNG
+            return [int(c) for c in np.random.RandomState(seed).permutation(n_classes)]
         if order == "identity":
             return list(range(n_classes))
         raise ConfigError("scenario.class_order", f"'{order}' is not allowed: use 'seed', 'identity' or a list of class ids")
