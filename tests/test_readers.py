@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,52 @@ def test_idx_bad_file_names_the_file(tmp_path, corrupt):
     data = bad.read_bytes()
     bad.write_bytes(struct.pack(">I", 0x801) + data[4:] if corrupt == "magic" else data[:-3])
     with pytest.raises(DatasetError, match="magic" if corrupt == "magic" else "truncated") as info:
+        load_idx(tmp_path, "mnist")
+    assert str(bad) in str(info.value)
+
+
+def _flip_middle(data: bytes) -> bytes:
+    """Invert 30 bytes in the middle of a file: a corrupt deflate stream once gzipped."""
+    mid = len(data) // 2
+    return data[:mid - 15] + bytes(b ^ 0xFF for b in data[mid - 15:mid + 15]) + data[mid + 15:]
+
+
+def _gz_with(payload_edit):
+    """A corruption of a .gz IDX file that edits the decompressed bytes, then re-compresses them."""
+    return lambda data: gzip.compress(payload_edit(gzip.decompress(data)))
+
+
+@pytest.mark.parametrize("corrupt,match", [
+    ("deflate", "corrupt or truncated"),          # zlib.error before the fix
+    ("gz-truncated", "corrupt or truncated"),     # EOFError
+    ("not-gzip", "corrupt or truncated"),         # BadGzipFile
+    ("crc", "corrupt or truncated"),
+    ("magic", "magic"),
+    ("short", "truncated or oversized"),
+    ("oversized", "truncated or oversized"),
+    ("header-only", "truncated or oversized"),
+])
+def test_data_idx_corrupt_gz_names_the_file(tmp_path, corrupt, match):
+    make_idx(tmp_path / "mnist", True, np.random.default_rng(0))
+    bad = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
+    # a bigger, compressible file, so the middle of the deflate stream is Huffman-coded data
+    write_idx(bad.with_suffix(""), np.tile(np.arange(256), 6 * 50 * 40 // 256 + 1)[:6 * 50 * 40].reshape(6, 50, 40), True)
+    write_idx(tmp_path / "mnist" / "train-labels-idx1-ubyte", np.zeros(6), True)
+    edits = {
+        "deflate": _flip_middle,
+        "gz-truncated": lambda d: d[:len(d) // 2],
+        "not-gzip": lambda d: b"<html>not found</html>",
+        "crc": lambda d: d[:-8] + bytes(4) + d[-4:],
+        "magic": _gz_with(lambda d: struct.pack(">I", 0x801) + d[4:]),
+        "short": _gz_with(lambda d: d[:-3]),
+        "oversized": _gz_with(lambda d: d + b"xyz"),
+        "header-only": _gz_with(lambda d: d[:6]),
+    }
+    bad.write_bytes(edits[corrupt](bad.read_bytes()))
+    if corrupt == "deflate":
+        with pytest.raises(zlib.error):  # the case that ended in a traceback
+            gzip.decompress(bad.read_bytes())
+    with pytest.raises(DatasetError, match=match) as info:
         load_idx(tmp_path, "mnist")
     assert str(bad) in str(info.value)
 

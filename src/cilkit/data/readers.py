@@ -13,6 +13,7 @@ import os
 import pickle
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,18 +66,25 @@ def _find_file(folder: Path, base: str) -> Path | None:
 
 def _read_idx(path: Path, magic: int) -> np.ndarray:
     """Parse one IDX file of unsigned bytes; ``magic`` is 0x803 (images) or 0x801 (labels)."""
+    compressed = path.suffix == ".gz"
     try:
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
             data = f.read()
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError; corrupt deflate data a zlib.error
+        if isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)):
+            raise DatasetError(f"corrupt or truncated IDX file {path}: expected a complete gzip-compressed IDX file "
+                               f"({type(exc).__name__}: {exc}); download it again") from exc
         raise DatasetError(f"cannot read IDX file {path}: {exc}") from exc
     ndim, header, got = magic & 0xFF, 4 + 4 * (magic & 0xFF), int.from_bytes(data[:4], "big")
     if len(data) < 4 or got != magic:
         raise DatasetError(f"bad IDX file {path}: expected magic number 0x{magic:08x} (uint8, {ndim}-d), got 0x{got:08x}")
     dims = struct.unpack(f">{ndim}I", data[4:header]) if len(data) >= header else ()
-    if not dims or len(data) - header != int(np.prod(dims)):
-        raise DatasetError(f"truncated or oversized IDX file {path}: expected a {header}-byte header then one byte per "
-                           f"element of dims {dims or '?'}, found {len(data)} bytes in all")
+    expected = header + int(np.prod(dims, dtype=np.int64)) if dims else None
+    if len(data) != expected:
+        told = f"its header gives dims {dims}, so {expected} bytes are expected" if dims else \
+            f"expected at least a {header}-byte header (magic number and {ndim} dims)"
+        raise DatasetError(f"truncated or oversized IDX file {path}{' (after gunzip)' if compressed else ''}: {told} "
+                           f"(a {header}-byte header then one byte per element), found {len(data)} bytes")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
