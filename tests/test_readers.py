@@ -282,10 +282,11 @@ def test_imagefolder_val_split_resize_and_crop(tmp_path):
     wide.save(tmp_path / "train" / "dog" / "wide.PNG")
     solid(tmp_path / "train" / "cat" / "a.jpg", GREEN, size=(6, 6))
     solid(tmp_path / "val" / "dog" / "b.bmp", BLUE, size=(3, 5))
+    solid(tmp_path / "val" / "cat" / "c.png", GREEN, size=(5, 5))
     (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
     d = load_imagefolder(tmp_path, 4)
-    assert d.class_names == ["cat", "dog"] and d.train.labels.tolist() == [0, 1] and d.test.labels.tolist() == [1]
-    assert d.train.images.shape == (2, 4, 4, 3) and d.test.images.shape == (1, 4, 4, 3)
+    assert d.class_names == ["cat", "dog"] and d.train.labels.tolist() == [0, 1] and d.test.labels.tolist() == [0, 1]
+    assert d.train.images.shape == (2, 4, 4, 3) and d.test.images.shape == (2, 4, 4, 3)
     crop = d.train.images[1].astype(int)  # 16x8 -> 8x4 -> centre columns 2..5: two red, two blue
     assert np.abs(crop[:, 0] - RED).max() <= 2 and np.abs(crop[:, 3] - BLUE).max() <= 2
     assert (tmp_path / ".cilkit-cache" / "imagefolder-4.npz").is_file()

@@ -282,6 +282,12 @@ def load_tinyimagenet(root: str | os.PathLike) -> Dataset:
                           _tiny_names(tree, wnids), meta={"root": str(tree), "wnids": wnids})
 
 
+def _listed(items: list[str], limit: int = 20) -> str:
+    """``a, b, c`` with at most ``limit`` items, then ``and N more``."""
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def _class_dirs(folder: Path) -> list[str]:
     """Sorted names of the non-hidden sub-folders of ``folder``."""
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -297,21 +303,35 @@ def load_imagefolder(root: str | os.PathLike, image_size: int) -> Dataset:
                            f"({', '.join(sorted(IMAGE_EXTENSIONS))}). Pass --data-root to point at it.")
     if image_size < 1:
         raise DatasetError(f"image folder {root}: image_size must be a positive integer, got {image_size}")
-    names = _class_dirs(root / "train")
-    extra = sorted(set(_class_dirs(test_dir)) - set(names))
-    if not names or extra:
-        raise DatasetError(f"malformed image folder {root}: expected class folders in {root / 'train'} and a "
-                           f"subset of them in {test_dir}; train has {names}, {test_dir.name} also has {extra}")
+    train_dir = root / "train"
+    names, test_names = _class_dirs(train_dir), _class_dirs(test_dir)
+    if not names:
+        raise DatasetError(f"image folder {root} has no class folders in {train_dir}: expected {layout}")
+    problems = []
+    only_test, only_train = sorted(set(test_names) - set(names)), sorted(set(names) - set(test_names))
+    if only_test:
+        problems.append(f"{test_dir} has class folders that {train_dir} lacks: {_listed(only_test)}")
+    if only_train:
+        problems.append(f"{train_dir} has class folders that {test_dir} lacks (they would have no test data): "
+                        f"{_listed(only_train)}")
     splits: list[tuple[list[str], list[int]]] = []
-    for split_dir in (root / "train", test_dir):
+    empty: list[str] = []
+    for split_dir in (train_dir, test_dir):
         files, labels = [], []
         for label, name in enumerate(names):
-            found = image_files(split_dir / name) if (split_dir / name).is_dir() else []
+            if not (split_dir / name).is_dir():
+                continue
+            found = image_files(split_dir / name)
+            if not found:
+                empty.append(str(split_dir / name))
             files += found
             labels += [label] * len(found)
-        if not files:
-            raise DatasetError(f"image folder {split_dir} holds no images: expected {layout}")
         splits.append((files, labels))
+    if empty:
+        problems.append(f"class folders without images ({', '.join(sorted(IMAGE_EXTENSIONS))}): {_listed(empty)}")
+    if problems:
+        raise DatasetError(f"malformed image folder {root}: expected the same class folders in {train_dir} and "
+                           f"{test_dir}, each with at least one image; " + "; ".join(problems))
     (train, y_train), (test, y_test) = splits
     stamps = [root / "train", test_dir] + [d / n for d in (root / "train", test_dir) for n in names if (d / n).is_dir()]
     x_train, x_test = decode_cached(root, f"imagefolder-{image_size}.npz", stamps, train, test, image_size)
