@@ -8,6 +8,8 @@ Tiny-ImageNet and image folders are thousands of small files: they are decoded b
 from __future__ import annotations
 
 import hashlib
+import logging
+import math
 import multiprocessing
 import os
 import tempfile
@@ -20,6 +22,8 @@ import numpy as np
 from PIL import Image
 
 from cilkit.errors import DatasetError
+
+log = logging.getLogger("cilkit")
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"})
 CACHE_DIR = ".cilkit-cache"
@@ -37,41 +41,132 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def _decode_chunk(job: tuple[list[str], int | None]) -> np.ndarray:
-    """Decode image files to one uint8 (n, H, W, 3) array; resized and cropped when a size is given."""
-    paths, size = job
-    arrays = []
-    for path in paths:
+def _decode_chunk(job: tuple[list[str], int | None, tuple[int, int, int]]) -> np.ndarray:
+    """Decode image files to one uint8 (n, H, W, 3) array of the expected ``shape`` per image."""
+    paths, size, shape = job
+    out = np.empty((len(paths), *shape), dtype=np.uint8)
+    for i, path in enumerate(paths):
         try:
             with Image.open(path) as image:
                 rgb = image.convert("RGB")
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise DatasetError(f"cannot decode image {path}: {exc}") from exc
-        arrays.append(np.asarray(resize_center_crop(rgb, size) if size else rgb, dtype=np.uint8))
-        if arrays[-1].shape != arrays[0].shape:
-            raise DatasetError(f"images differ in size: {paths[0]} is {arrays[0].shape[:2]} but {path} is "
-                               f"{arrays[-1].shape[:2]}; expected one size for all images")
-    return np.stack(arrays)
+        array = np.asarray(resize_center_crop(rgb, size) if size else rgb, dtype=np.uint8)
+        if array.shape != shape:
+            raise DatasetError(f"images differ in size: {path} is {_wxh(array.shape)} but {paths[0]} and the others "
+                               f"are {_wxh(shape)}; expected one size for all images")
+        out[i] = array
+    return out
 
 
-def decode_images(paths: list[str], size: int | None) -> np.ndarray:
+def _wxh(shape: tuple[int, ...]) -> str:
+    """``WxH`` of an (H, W, ...) shape."""
+    return f"{shape[1]}x{shape[0]}"
+
+
+def image_sizes(paths: list[str]) -> dict[tuple[int, int], list[str]]:
+    """The files of each (width, height), from the image headers only (no decoding)."""
+    sizes: dict[tuple[int, int], list[str]] = {}
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                wh = image.size
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise DatasetError(f"cannot read image {path}: {exc}") from exc
+        sizes.setdefault(wh, []).append(path)
+    return sizes
+
+
+def native_shape(paths: list[str], where: Path, size_field: str | None = None) -> tuple[int, int, int]:
+    """(H, W, 3) shared by all images, or DatasetError listing the sizes seen (and what to set)."""
+    sizes = image_sizes(paths)
+    if len(sizes) > 1:
+        seen = sorted(sizes.items(), key=lambda kv: -len(kv[1]))
+        listed = ", ".join(f"{w}x{h} ({len(files)} file{'s' * (len(files) > 1)}, e.g. {files[0]})" for (w, h), files in seen[:10])
+        more = f" and {len(seen) - 10} more sizes" if len(seen) > 10 else ""
+        hint = (f"set {size_field} to resize and centre-crop them all to one square size" if size_field
+                else "expected one size for all images")
+        raise DatasetError(f"images under {where} differ in size (width x height): {listed}{more}; {hint}")
+    (w, h), = sizes
+    return (h, w, 3)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still use, or None when unknown.
+
+    psutil's ``available`` if installed, else Linux's MemAvailable (free plus reclaimable page cache),
+    else ``SC_AVPHYS_PAGES * SC_PAGE_SIZE``; capped by a cgroup v2 memory limit (containers, SLURM).
+    """
+    found = None
+    try:
+        import psutil
+
+        found = int(psutil.virtual_memory().available)
+    except ImportError:
+        try:
+            with open("/proc/meminfo") as f:
+                found = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            try:
+                found = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            except (ValueError, OSError, AttributeError):
+                found = None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            left = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
+            found = left if found is None else min(found, left)
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def _gib(n: float) -> str:
+    """A byte count in GiB, MiB or KiB."""
+    unit = next((u for u, p in (("GiB", 30), ("MiB", 20)) if n >= 2**p), "KiB")
+    return f"{n / 2**{'GiB': 30, 'MiB': 20, 'KiB': 10}[unit]:.1f} {unit}"
+
+
+def check_memory(n: int, shape: tuple[int, int, int], where: Path, size_field: str | None = None) -> None:
+    """DatasetError before decoding when ``n`` uint8 images of ``shape`` do not fit in the available memory."""
+    need = n * math.prod(shape)
+    free = available_memory()
+    if free is None or need <= free:
+        return
+    hint = "free some memory or use a lower-resolution copy of the images"
+    if size_field:
+        fits = math.isqrt(max(free, 0) // max(3 * n, 1))
+        hint = f"set {size_field} to a smaller size" + (f" (at most {fits} fits: {fits}x{fits} needs "
+                                                         f"{_gib(n * fits * fits * 3)})" if fits >= 1 else "")
+    raise DatasetError(f"not enough memory to decode the images under {where}: {n} images of {_wxh(shape)} pixels "
+                       f"need {_gib(need)} as uint8 ({n} x {shape[0]} x {shape[1]} x 3 bytes, train and test), "
+                       f"but only {_gib(free)} is available; {hint}")
+
+
+def decode_images(paths: list[str], size: int | None, shape: tuple[int, int, int] | None = None) -> np.ndarray:
     """Decode ``paths`` in order, in a process pool of ``os.cpu_count()`` workers when there are many.
 
+    ``shape`` is the (H, W, 3) of every decoded image: ``(size, size, 3)`` when a size is given, else the
+    images' own size, read from their headers when not given. The result is filled in place (no copy).
     Workers are forked where possible: unlike spawn, fork neither re-runs the caller's main script
     nor needs ``cilkit`` importable from the environment; the workers only run PIL and numpy.
     """
+    if shape is None:
+        shape = (size, size, 3) if size else native_shape(paths, Path(os.path.commonpath(paths)) if paths else Path())
+    out = np.empty((len(paths), *shape), dtype=np.uint8)
     workers = os.cpu_count() or 1
     if len(paths) < _POOL_MIN_FILES or workers == 1:
-        return _decode_chunk((paths, size))
-    jobs = [(paths[i:i + _POOL_CHUNK], size) for i in range(0, len(paths), _POOL_CHUNK)]
+        for start in range(0, len(paths), _POOL_CHUNK):
+            out[start:start + _POOL_CHUNK] = _decode_chunk((paths[start:start + _POOL_CHUNK], size, shape))
+        return out
+    jobs = [(paths[i:i + _POOL_CHUNK], size, shape) for i in range(0, len(paths), _POOL_CHUNK)]
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
-        chunks = list(pool.map(_decode_chunk, jobs))
-    for job, chunk in zip(jobs, chunks):
-        if chunk.shape[1:] != chunks[0].shape[1:]:
-            raise DatasetError(f"images differ in size: {jobs[0][0][0]} is {chunks[0].shape[1:3]} but {job[0][0]} "
-                               f"is {chunk.shape[1:3]}; expected one size for all images")
-    return np.concatenate(chunks)
+        start = 0
+        for chunk in pool.map(_decode_chunk, jobs):
+            out[start:start + len(chunk)] = chunk
+            start += len(chunk)
+    return out
 
 
 def _cache_file(tree: Path, filename: str) -> Path:
@@ -97,7 +192,7 @@ def _read_cache(path: Path, stamps: list[Path], sizes: tuple[int, int]) -> tuple
             return None
         with np.load(path) as cache:
             x_train, x_test = cache["x_train"], cache["x_test"]
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, MemoryError):  # too big: check_memory says so
         return None
     return (x_train, x_test) if (len(x_train), len(x_test)) == sizes else None
 
@@ -119,13 +214,24 @@ def _write_cache(path: Path, x_train: np.ndarray, x_test: np.ndarray) -> None:
 
 
 def decode_cached(tree: Path, filename: str, stamps: list[Path], train: list[str], test: list[str],
-                   size: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Train and test images of the given files, from the cache when it is fresh, else decoded and cached."""
+                  size: int | None, size_field: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test images of the given files, from the cache when it is fresh, else decoded and cached.
+
+    ``size``: resize and centre-crop to ``size`` x ``size``; None: the images' own size, which they must
+    share. ``size_field`` names the config key of the size, for the hints of the error messages.
+    """
     cache = _cache_file(tree, filename)
     cached = _read_cache(cache, stamps, (len(train), len(test)))
     if cached is not None:
+        log.info("images of %s: %d at %s pixels, from the cache %s", tree, len(train) + len(test),
+                 _wxh(cached[0].shape[1:]), cache)
         return cached
-    images = decode_images(train + test, size)
+    paths = train + test
+    shape = (size, size, 3) if size else native_shape(paths, tree, size_field)
+    source = f"{size_field or 'the requested size'}" if size else "their own size"
+    log.info("images of %s: decoding %d at %s pixels (%s)", tree, len(paths), _wxh(shape), source)
+    check_memory(len(paths), shape, tree, size_field)
+    images = decode_images(paths, size, shape)
     x_train, x_test = images[:len(train)], images[len(train):]
     _write_cache(cache, x_train, x_test)
     return x_train, x_test

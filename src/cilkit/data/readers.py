@@ -9,6 +9,7 @@ message naming the exact path and the format that was expected. Folders of image
 from __future__ import annotations
 
 import gzip
+import numbers
 import os
 import pickle
 import struct
@@ -23,7 +24,7 @@ import numpy as np
 from cilkit.data.datasets import Dataset, ImageSet, channel_stats
 from cilkit.data.download import download_url, extract_archive
 from cilkit.data.imagecache import IMAGE_EXTENSIONS, decode_cached, image_files
-from cilkit.errors import DatasetError
+from cilkit.errors import ConfigError, DatasetError
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -293,16 +294,22 @@ def _class_dirs(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def load_imagefolder(root: str | os.PathLike, image_size: int) -> Dataset:
-    """``root/train/<class>/*`` and ``root/test/<class>/*`` (or ``val``), resized and centre-cropped."""
+def load_imagefolder(root: str | os.PathLike, image_size: int | None = None) -> Dataset:
+    """``root/train/<class>/*`` and ``root/test/<class>/*`` (or ``val``).
+
+    ``image_size``: every image is resized (shorter side) and centre-cropped to that square size; None:
+    the images are kept at their own size, which they must all share (read from their headers).
+    """
     root = Path(root)
     layout = f"{root}/train/<class>/<image> and {root}/test/<class>/<image> (or {root}/val/<class>/<image>)"
     test_dir = next((d for d in (root / "test", root / "val") if d.is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
         raise DatasetError(f"image folder not found: expected {layout}, images by extension "
                            f"({', '.join(sorted(IMAGE_EXTENSIONS))}). Pass --data-root to point at it.")
-    if image_size < 1:
-        raise DatasetError(f"image folder {root}: image_size must be a positive integer, got {image_size}")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral)
+                                   or image_size < 1):
+        raise ConfigError("data.image_size", f"must be a positive integer (pixels) or null for the images' own size, "
+                                             f"got {image_size!r}")
     train_dir = root / "train"
     names, test_names = _class_dirs(train_dir), _class_dirs(test_dir)
     if not names:
@@ -334,7 +341,8 @@ def load_imagefolder(root: str | os.PathLike, image_size: int) -> Dataset:
                            f"{test_dir}, each with at least one image; " + "; ".join(problems))
     (train, y_train), (test, y_test) = splits
     stamps = [root / "train", test_dir] + [d / n for d in (root / "train", test_dir) for n in names if (d / n).is_dir()]
-    x_train, x_test = decode_cached(root, f"imagefolder-{image_size}.npz", stamps, train, test, image_size)
+    x_train, x_test = decode_cached(root, f"imagefolder-{image_size or 'native'}.npz", stamps, train, test, image_size,
+                                    size_field="data.image_size")
     return _stats_dataset("imagefolder", ImageSet(x_train, y_train), ImageSet(x_test, y_test), names,
                           meta={"root": str(root)})
 

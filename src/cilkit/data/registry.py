@@ -49,7 +49,7 @@ def _tinyimagenet(root, **_):
 def _imagefolder(root, image_size=None, **_):
     from cilkit.data.readers import load_imagefolder
 
-    return load_imagefolder(Path(root).expanduser(), image_size or 224)
+    return load_imagefolder(Path(root).expanduser(), image_size)  # None: the images' own size
 
 
 def _numpy(root, **_):
