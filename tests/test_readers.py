@@ -19,6 +19,12 @@ from cilkit.errors import DatasetError
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
 
+@pytest.fixture(autouse=True)
+def _no_cache_env(monkeypatch):
+    """The tests look for the decoded-image cache at its default place."""
+    monkeypatch.delenv("CILKIT_CACHE", raising=False)
+
+
 # ------------------------------------------------------------------------------------------ digits
 
 def test_digits_shapes_and_stratified_deterministic_split():

@@ -1,8 +1,11 @@
 """Decoding folders of image files once, in parallel, into a cached uint8 array.
 
 Tiny-ImageNet and image folders are thousands of small files: they are decoded by a process pool
-(resized and centre-cropped when a size is given) and cached as ``.npz`` next to the data, or in
-``~/.cache/cilkit`` when that folder is read-only, so later runs load one file.
+(resized and centre-cropped when a size is given) and cached as ``.npz``, so later runs load one file.
+The cache lies in the folder given to the reader (``cache_dir``), else in ``$CILKIT_CACHE``, else next
+to the data (``<data>/.cilkit-cache``) when that is writable, else in ``~/.cache/cilkit``. It is keyed by
+the files' relative paths, sizes and modification times and by the decode size, written atomically, and
+the temporary files of an interrupted write are removed on the next start.
 """
 
 from __future__ import annotations
@@ -12,7 +15,11 @@ import logging
 import math
 import multiprocessing
 import os
+import re
+import shutil
+import socket
 import tempfile
+import time
 import warnings
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
@@ -27,6 +34,9 @@ log = logging.getLogger("cilkit")
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"})
 CACHE_DIR = ".cilkit-cache"
+CACHE_ENV = "CILKIT_CACHE"  # a folder for the caches of every dataset, instead of <data>/.cilkit-cache
+_CACHE_VERSION = 2  # part of the cache key: bump when the decoded arrays change for the same files
+_STALE_TMP_S = 600  # a temporary cache file unchanged this long belongs to a dead write
 _POOL_MIN_FILES = 2048  # below this, decoding in-process beats starting worker processes
 _POOL_CHUNK = 1000
 
@@ -169,59 +179,149 @@ def decode_images(paths: list[str], size: int | None, shape: tuple[int, int, int
     return out
 
 
-def _cache_file(tree: Path, filename: str) -> Path:
-    """``tree/.cilkit-cache/filename`` if writable, else ``~/.cache/cilkit/<sha1 of that path>.npz``."""
+def cache_folder(tree: Path, cache_dir: str | os.PathLike | None = None) -> tuple[Path, bool]:
+    """The folder of the cache of ``tree``, and whether it is shared between trees (then names carry a hash).
+
+    ``cache_dir``, else ``$CILKIT_CACHE``, else ``tree/.cilkit-cache`` when it is writable, else
+    ``~/.cache/cilkit``.
+    """
+    chosen = cache_dir or os.environ.get(CACHE_ENV) or None
+    if chosen:
+        return Path(chosen).expanduser(), True
     folder = tree / CACHE_DIR
     try:
         folder.mkdir(exist_ok=True)
         if os.access(folder, os.W_OK):
-            return folder / filename
+            return folder, False
     except OSError:
         pass
-    digest = hashlib.sha1(str((folder / filename).resolve()).encode()).hexdigest()
-    return Path.home() / ".cache" / "cilkit" / f"{digest}.npz"
+    return Path.home() / ".cache" / "cilkit", True
 
 
-def _read_cache(path: Path, stamps: list[Path], sizes: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
-    """Cached (train, test) images if the cache is not older than any stamp and has the expected counts.
+def _cache_file(tree: Path, filename: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """``<folder>/filename``, or ``<folder>/<stem>-<hash of the tree's path>.npz`` in a shared folder."""
+    folder, shared = cache_folder(tree, cache_dir)
+    if not shared:
+        return folder / filename
+    stem, suffix = os.path.splitext(filename)
+    digest = hashlib.sha1(str(tree.resolve()).encode()).hexdigest()[:16]
+    return folder / f"{stem}-{digest}{suffix}"
 
-    Equal times count as fresh: file times are only as fine as the kernel clock tick.
-    """
+
+def cache_key(tree: Path, train: list[str], test: list[str], size: int | None) -> str:
+    """A digest of what the cached arrays depend on: every file's path relative to ``tree``, its size and
+    modification time (``st_size``, ``st_mtime_ns``), the split it is in, its position, and the decode size."""
+    digest = hashlib.sha256(f"cilkit-imagecache-v{_CACHE_VERSION}\nsize={size or 'native'}\n".encode())
+    prefix = str(tree).rstrip(os.sep) + os.sep
+    for split, files in (("train", train), ("test", test)):
+        digest.update(f"{split} {len(files)}\n".encode())
+        for path in files:
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                raise DatasetError(f"cannot read image {path}: {exc}") from exc
+            rel = path[len(prefix):] if path.startswith(prefix) else path
+            digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def _read_cache(path: Path, key: str, sizes: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Cached (train, test) images if the cache was written for ``key`` and has the expected counts."""
     try:
-        if path.stat().st_mtime < max(s.stat().st_mtime for s in stamps):
-            return None
-        with np.load(path) as cache:
+        with np.load(path, allow_pickle=False) as cache:
+            if "key" not in cache.files or str(cache["key"]) != key:
+                return None
             x_train, x_test = cache["x_train"], cache["x_test"]
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, MemoryError):  # too big: check_memory says so
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, MemoryError):  # too big: check_memory says so
         return None
     return (x_train, x_test) if (len(x_train), len(x_test)) == sizes else None
 
 
-def _write_cache(path: Path, x_train: np.ndarray, x_test: np.ndarray) -> None:
+def _owner() -> str:
+    """``<host>-<pid>`` of this process, as it appears in the names of its temporary cache files."""
+    return f"{re.sub(r'[^A-Za-z0-9_]', '_', socket.gethostname())}-{os.getpid()}"
+
+
+_TMP_RE = re.compile(r"^\..+\.npz\.(?:(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.)?[^.]+\.tmp$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Delete the temporary files that killed writes of the cache left in ``folder``.
+
+    A temporary file is stale when the process that wrote it (its name holds host and pid) is gone from
+    this host, or when it has not changed for ``_STALE_TMP_S`` seconds (another host, or an older name).
+    """
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    host = _owner().rsplit("-", 1)[0]
+    now = time.time()
+    for entry in entries:
+        m = _TMP_RE.match(entry.name)
+        if not m or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            dead = m["host"] == host and os.name == "posix" and not _pid_alive(int(m["pid"]))
+            if dead or now - st.st_mtime > _STALE_TMP_S:
+                os.unlink(entry.path)
+                log.info("removed %s, a temporary file (%s) left by an interrupted write of the decoded-image cache",
+                         entry.path, _gib(st.st_size))
+        except OSError:
+            continue
+
+
+def _write_cache(path: Path, key: str, x_train: np.ndarray, x_test: np.ndarray) -> None:
     """Write the cache atomically (temp file in the same folder, then rename); warn on failure."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        need, free = x_train.nbytes + x_test.nbytes, shutil.disk_usage(path.parent).free
+        if need > free:
+            raise OSError(f"it needs {_gib(need)} but only {_gib(free)} is free on that disk")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_owner()}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, x_train=x_train, x_test=x_test)
+            np.savez(f, key=np.array(key), x_train=x_train, x_test=x_test)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
+        tmp = None
     except OSError as exc:
-        if tmp is not None:
+        warnings.warn(f"could not write the decoded-image cache {path}: {exc}; set {CACHE_ENV} to a writable folder "
+                      f"with enough space", stacklevel=3)
+    finally:
+        if tmp is not None:  # failed or interrupted (KeyboardInterrupt): no orphan
             Path(tmp).unlink(missing_ok=True)
-        warnings.warn(f"could not write the decoded-image cache {path}: {exc}", stacklevel=3)
 
 
-def decode_cached(tree: Path, filename: str, stamps: list[Path], train: list[str], test: list[str],
-                  size: int | None, size_field: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def decode_cached(tree: Path, filename: str, train: list[str], test: list[str], size: int | None, *,
+                  size_field: str | None = None, cache_dir: str | os.PathLike | None = None,
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Train and test images of the given files, from the cache when it is fresh, else decoded and cached.
 
     ``size``: resize and centre-crop to ``size`` x ``size``; None: the images' own size, which they must
     share. ``size_field`` names the config key of the size, for the hints of the error messages.
+    ``cache_dir``: the cache folder (see :func:`cache_folder`). The cache is fresh when it was written for
+    the same files (relative paths, sizes, modification times) and the same size.
     """
-    cache = _cache_file(tree, filename)
-    cached = _read_cache(cache, stamps, (len(train), len(test)))
+    cache = _cache_file(tree, filename, cache_dir)
+    remove_stale_temps(cache.parent)
+    key = cache_key(tree, train, test, size)
+    cached = _read_cache(cache, key, (len(train), len(test)))
     if cached is not None:
         log.info("images of %s: %d at %s pixels, from the cache %s", tree, len(train) + len(test),
                  _wxh(cached[0].shape[1:]), cache)
@@ -233,7 +333,7 @@ def decode_cached(tree: Path, filename: str, stamps: list[Path], train: list[str
     check_memory(len(paths), shape, tree, size_field)
     images = decode_images(paths, size, shape)
     x_train, x_test = images[:len(train)], images[len(train):]
-    _write_cache(cache, x_train, x_test)
+    _write_cache(cache, key, x_train, x_test)
     return x_train, x_test
 
 

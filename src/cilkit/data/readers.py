@@ -3,7 +3,8 @@
 Class index is the sorted order of class names (or wnids) unless the format defines the labels
 (CIFAR, IDX, digits). Every missing or malformed input raises :class:`DatasetError` with one
 message naming the exact path and the format that was expected. Folders of image files
-(Tiny-ImageNet, image folders) are decoded in parallel once and cached as ``.npz``.
+(Tiny-ImageNet, image folders) are decoded in parallel once and cached as ``.npz``
+(:mod:`cilkit.data.imagecache`; ``cache_dir`` or ``$CILKIT_CACHE`` moves the cache).
 """
 
 from __future__ import annotations
@@ -241,11 +242,12 @@ def _unpacked(archive: Path) -> Path:
     return dest
 
 
-def load_tinyimagenet(root: str | os.PathLike) -> Dataset:
+def load_tinyimagenet(root: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Dataset:
     """Tiny-ImageNet-200 (any resolution) from its official folder layout; val is the test split.
 
     ``root`` may also be an archive of that tree (``tiny-imagenet-32.tar.gz``): it is unpacked once
-    into ``~/.cache/cilkit-data/``.
+    into ``~/.cache/cilkit-data/``. ``cache_dir``: the folder of the decoded-image cache, as for
+    :func:`load_imagefolder`.
     """
     root = Path(root)
     if root.is_file():
@@ -277,8 +279,7 @@ def load_tinyimagenet(root: str | os.PathLike) -> Dataset:
                                f"listed in wnids.txt, got {line!r}")
         test.append(os.path.join(tree, "val", "images", fields[0]))
         y_test.append(index[fields[1]])
-    stamps = [tree / "wnids.txt", annotations]
-    x_train, x_test = decode_cached(tree, "tinyimagenet.npz", stamps, train, test, None)
+    x_train, x_test = decode_cached(tree, "tinyimagenet.npz", train, test, None, cache_dir=cache_dir)
     return _stats_dataset("tinyimagenet", ImageSet(x_train, y_train), ImageSet(x_test, y_test),
                           _tiny_names(tree, wnids), meta={"root": str(tree), "wnids": wnids})
 
@@ -294,11 +295,14 @@ def _class_dirs(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def load_imagefolder(root: str | os.PathLike, image_size: int | None = None) -> Dataset:
+def load_imagefolder(root: str | os.PathLike, image_size: int | None = None,
+                     cache_dir: str | os.PathLike | None = None) -> Dataset:
     """``root/train/<class>/*`` and ``root/test/<class>/*`` (or ``val``).
 
     ``image_size``: every image is resized (shorter side) and centre-cropped to that square size; None:
     the images are kept at their own size, which they must all share (read from their headers).
+    ``cache_dir``: the folder of the decoded-image cache (default: ``$CILKIT_CACHE``, else
+    ``root/.cilkit-cache`` when writable, else ``~/.cache/cilkit``).
     """
     root = Path(root)
     layout = f"{root}/train/<class>/<image> and {root}/test/<class>/<image> (or {root}/val/<class>/<image>)"
@@ -340,9 +344,8 @@ def load_imagefolder(root: str | os.PathLike, image_size: int | None = None) -> 
         raise DatasetError(f"malformed image folder {root}: expected the same class folders in {train_dir} and "
                            f"{test_dir}, each with at least one image; " + "; ".join(problems))
     (train, y_train), (test, y_test) = splits
-    stamps = [root / "train", test_dir] + [d / n for d in (root / "train", test_dir) for n in names if (d / n).is_dir()]
-    x_train, x_test = decode_cached(root, f"imagefolder-{image_size or 'native'}.npz", stamps, train, test, image_size,
-                                    size_field="data.image_size")
+    x_train, x_test = decode_cached(root, f"imagefolder-{image_size or 'native'}.npz", train, test, image_size,
+                                    size_field="data.image_size", cache_dir=cache_dir)
     return _stats_dataset("imagefolder", ImageSet(x_train, y_train), ImageSet(x_test, y_test), names,
                           meta={"root": str(root)})
 

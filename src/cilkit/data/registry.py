@@ -40,16 +40,17 @@ def _cifar(name: str):
     return load
 
 
-def _tinyimagenet(root, **_):
+def _tinyimagenet(root, cache_dir=None, **_):
     from cilkit.data.readers import load_tinyimagenet
 
-    return load_tinyimagenet(Path(root).expanduser())
+    return load_tinyimagenet(Path(root).expanduser(), cache_dir=cache_dir)
 
 
-def _imagefolder(root, image_size=None, **_):
+def _imagefolder(root, image_size=None, cache_dir=None, **_):
     from cilkit.data.readers import load_imagefolder
 
-    return load_imagefolder(Path(root).expanduser(), image_size)  # None: the images' own size
+    # image_size None: the images' own size; cache_dir None: $CILKIT_CACHE or next to the data
+    return load_imagefolder(Path(root).expanduser(), image_size, cache_dir=cache_dir)
 
 
 def _numpy(root, **_):
