@@ -18,15 +18,18 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import warnings
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from cilkit.errors import DatasetError
 
@@ -39,6 +42,7 @@ _CACHE_VERSION = 2  # part of the cache key: bump when the decoded arrays change
 _STALE_TMP_S = 600  # a temporary cache file unchanged this long belongs to a dead write
 _POOL_MIN_FILES = 2048  # below this, decoding in-process beats starting worker processes
 _POOL_CHUNK = 1000
+_MAX_LISTED = 20  # corrupt files named in one error; the rest are counted
 
 
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -51,22 +55,28 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def _decode_chunk(job: tuple[list[str], int | None, tuple[int, int, int]]) -> np.ndarray:
-    """Decode image files to one uint8 (n, H, W, 3) array of the expected ``shape`` per image."""
+def _decode_chunk(job: tuple[list[str], int | None, tuple[int, int, int]]) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """Decode image files to one uint8 (n, H, W, 3) array of the expected ``shape`` per image.
+
+    Files that cannot be decoded (or decode to another shape) are listed as ``(path, why)`` and left as
+    zeros, so that one call reports every bad file of the chunk.
+    """
     paths, size, shape = job
-    out = np.empty((len(paths), *shape), dtype=np.uint8)
+    out = np.zeros((len(paths), *shape), dtype=np.uint8)
+    failures: list[tuple[str, str]] = []
     for i, path in enumerate(paths):
         try:
             with Image.open(path) as image:
                 rgb = image.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise DatasetError(f"cannot decode image {path}: {exc}") from exc
-        array = np.asarray(resize_center_crop(rgb, size) if size else rgb, dtype=np.uint8)
+            array = np.asarray(resize_center_crop(rgb, size) if size else rgb, dtype=np.uint8)
+        except Exception as exc:  # noqa: BLE001 - a broken file can make PIL raise almost anything
+            failures.append((path, f"{type(exc).__name__}: {exc}"))
+            continue
         if array.shape != shape:
-            raise DatasetError(f"images differ in size: {path} is {_wxh(array.shape)} but {paths[0]} and the others "
-                               f"are {_wxh(shape)}; expected one size for all images")
+            failures.append((path, f"decodes to {_wxh(array.shape)} pixels, the others to {_wxh(shape)}"))
+            continue
         out[i] = array
-    return out
+    return out, failures
 
 
 def _wxh(shape: tuple[int, ...]) -> str:
@@ -74,29 +84,57 @@ def _wxh(shape: tuple[int, ...]) -> str:
     return f"{shape[1]}x{shape[0]}"
 
 
-def image_sizes(paths: list[str]) -> dict[tuple[int, int], list[str]]:
-    """The files of each (width, height), from the image headers only (no decoding)."""
+def _progress(total: int, desc: str):
+    """A tqdm bar on stderr, shown only when stderr is a terminal."""
+    try:
+        shown = sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stderr
+        shown = False
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not shown, mininterval=1.0, leave=False)
+
+
+def corrupt_files_error(failures: list[tuple[str, str]], total: int) -> DatasetError:
+    """One DatasetError listing the files that cannot be decoded (the first ``_MAX_LISTED``, then a count)."""
+    lines = [f"  {path}: {why}" for path, why in failures[:_MAX_LISTED]]
+    if len(failures) > _MAX_LISTED:
+        lines.append(f"  and {len(failures) - _MAX_LISTED} more")
+    return DatasetError(f"cannot decode {len(failures)} of {total} image files (expected readable images, by extension "
+                        f"{', '.join(sorted(IMAGE_EXTENSIONS))}); remove or replace them:\n" + "\n".join(lines))
+
+
+def image_sizes(paths: list[str]) -> tuple[dict[tuple[int, int], list[str]], list[tuple[str, str]]]:
+    """The files of each (width, height), from the image headers only (no decoding), and the unreadable ones."""
     sizes: dict[tuple[int, int], list[str]] = {}
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                wh = image.size
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise DatasetError(f"cannot read image {path}: {exc}") from exc
-        sizes.setdefault(wh, []).append(path)
-    return sizes
+    failures: list[tuple[str, str]] = []
+    with _progress(len(paths), "reading image sizes") as bar:
+        for path in paths:
+            try:
+                with Image.open(path) as image:
+                    wh = image.size
+            except Exception as exc:  # noqa: BLE001
+                failures.append((path, f"{type(exc).__name__}: {exc}"))
+            else:
+                sizes.setdefault(wh, []).append(path)
+            bar.update()
+    return sizes, failures
 
 
 def native_shape(paths: list[str], where: Path, size_field: str | None = None) -> tuple[int, int, int]:
-    """(H, W, 3) shared by all images, or DatasetError listing the sizes seen (and what to set)."""
-    sizes = image_sizes(paths)
+    """(H, W, 3) shared by all images, or DatasetError listing the sizes seen (and what to set).
+
+    Files whose header cannot be read are left to the decoding, which lists them with any other bad file.
+    """
+    sizes, failures = image_sizes(paths)
+    if not sizes:
+        raise corrupt_files_error(failures, len(paths))
     if len(sizes) > 1:
         seen = sorted(sizes.items(), key=lambda kv: -len(kv[1]))
         listed = ", ".join(f"{w}x{h} ({len(files)} file{'s' * (len(files) > 1)}, e.g. {files[0]})" for (w, h), files in seen[:10])
         more = f" and {len(seen) - 10} more sizes" if len(seen) > 10 else ""
         hint = (f"set {size_field} to resize and centre-crop them all to one square size" if size_field
                 else "expected one size for all images")
-        raise DatasetError(f"images under {where} differ in size (width x height): {listed}{more}; {hint}")
+        unreadable = f" ({len(failures)} more files cannot be read)" if failures else ""
+        raise DatasetError(f"images under {where} differ in size (width x height): {listed}{more}{unreadable}; {hint}")
     (w, h), = sizes
     return (h, w, 3)
 
@@ -158,6 +196,8 @@ def decode_images(paths: list[str], size: int | None, shape: tuple[int, int, int
 
     ``shape`` is the (H, W, 3) of every decoded image: ``(size, size, 3)`` when a size is given, else the
     images' own size, read from their headers when not given. The result is filled in place (no copy).
+    Progress goes to stderr (a bar on a terminal) and to the log (start and end). Every file that cannot
+    be decoded is listed in one DatasetError.
     Workers are forked where possible: unlike spawn, fork neither re-runs the caller's main script
     nor needs ``cilkit`` importable from the environment; the workers only run PIL and numpy.
     """
@@ -165,18 +205,39 @@ def decode_images(paths: list[str], size: int | None, shape: tuple[int, int, int
         shape = (size, size, 3) if size else native_shape(paths, Path(os.path.commonpath(paths)) if paths else Path())
     out = np.empty((len(paths), *shape), dtype=np.uint8)
     workers = os.cpu_count() or 1
-    if len(paths) < _POOL_MIN_FILES or workers == 1:
-        for start in range(0, len(paths), _POOL_CHUNK):
-            out[start:start + _POOL_CHUNK] = _decode_chunk((paths[start:start + _POOL_CHUNK], size, shape))
-        return out
+    serial = len(paths) < _POOL_MIN_FILES or workers == 1
+    failures: list[tuple[str, str]] = []
+    began = time.perf_counter()
+    log.info("decoding %d images to %s pixels (%s)", len(paths), _wxh(shape),
+             "in this process" if serial else f"{workers} worker processes")
     jobs = [(paths[i:i + _POOL_CHUNK], size, shape) for i in range(0, len(paths), _POOL_CHUNK)]
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
-        start = 0
-        for chunk in pool.map(_decode_chunk, jobs):
-            out[start:start + len(chunk)] = chunk
-            start += len(chunk)
+    with _progress(len(paths), "decoding images") as bar:
+        if serial:
+            results = map(_decode_chunk, jobs)
+            _fill(out, results, failures, bar)
+        else:
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            try:
+                with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+                    _fill(out, pool.map(_decode_chunk, jobs), failures, bar)
+            except BrokenProcessPool as exc:
+                raise DatasetError(f"a process decoding the images died ({exc}), most likely out of memory: "
+                                   f"{len(paths)} images of {_wxh(shape)} pixels need "
+                                   f"{_gib(len(paths) * math.prod(shape))}; decode them to a smaller size") from exc
+    if failures:
+        raise corrupt_files_error(failures, len(paths))
+    log.info("decoded %d images in %.1f s", len(paths), time.perf_counter() - began)
     return out
+
+
+def _fill(out: np.ndarray, results, failures: list[tuple[str, str]], bar) -> None:
+    """Copy decoded chunks into ``out`` in order, gathering their failures."""
+    start = 0
+    for chunk, bad in results:
+        out[start:start + len(chunk)] = chunk
+        start += len(chunk)
+        failures += bad
+        bar.update(len(chunk))
 
 
 def cache_folder(tree: Path, cache_dir: str | os.PathLike | None = None) -> tuple[Path, bool]:
@@ -329,7 +390,7 @@ def decode_cached(tree: Path, filename: str, train: list[str], test: list[str], 
     paths = train + test
     shape = (size, size, 3) if size else native_shape(paths, tree, size_field)
     source = f"{size_field or 'the requested size'}" if size else "their own size"
-    log.info("images of %s: decoding %d at %s pixels (%s)", tree, len(paths), _wxh(shape), source)
+    log.info("images of %s: %s pixels (%s)", tree, _wxh(shape), source)
     check_memory(len(paths), shape, tree, size_field)
     images = decode_images(paths, size, shape)
     x_train, x_test = images[:len(train)], images[len(train):]
