@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import math
 import os
 import re
 import tempfile
@@ -38,6 +40,29 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def json_safe(obj, nulled: list[str] | None = None, _where: str = ""):
+    """``obj`` with every NaN and infinity replaced by None, recursively in dicts, lists and tuples.
+
+    JSON has no NaN or Infinity (``json.dumps`` writes a bare ``NaN``, which strict readers reject).
+    The key path of every value set to null (``acc_per_task[2].old``) is appended to ``nulled``.
+    """
+    if isinstance(obj, dict):
+        return {k: json_safe(v, nulled, f"{_where}.{k}" if _where else str(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v, nulled, f"{_where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, float) or (getattr(obj, "ndim", None) == 0 and getattr(getattr(obj, "dtype", None), "kind", "") == "f"):
+        value = float(obj)  # numpy float scalars too
+        if math.isfinite(value):
+            return value
+        if nulled is not None:
+            nulled.append(_where or "<top level>")
+        return None
+    return obj
+
+
+_json_log = logging.getLogger("cilkit")
 
 
 class RunDir:
@@ -74,7 +99,17 @@ class RunDir:
         return yaml.safe_load(self.config_path.read_text())
 
     def write_metrics(self, metrics: dict) -> None:
-        atomic_write_text(self.metrics_path, json.dumps(metrics, indent=2))
+        nulled: list[str] = []
+        safe = json_safe(metrics, nulled)
+        reported = self.__dict__.setdefault("_nulled_reported", set())
+        new = [k for k in nulled if k not in reported]
+        if new:
+            reported.update(new)
+            shown = ", ".join(new[:20]) + (f" and {len(new) - 20} more" if len(new) > 20 else "")
+            _json_log.warning("%s: NaN or infinite values written as null (JSON has no NaN): %s; a NaN accuracy "
+                              "means no test sample to measure it, e.g. a class without test data",
+                              self.metrics_path, shown)
+        atomic_write_text(self.metrics_path, json.dumps(safe, indent=2, allow_nan=False))
 
     def read_metrics(self) -> dict:
         return json.loads(self.metrics_path.read_text())
