@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from cilkit.config import Config, resolve
-from cilkit.experiment import Experiment, run
+from cilkit.config import Config
+from cilkit.experiment import Experiment, resolve, run
 
 __all__ = ["Config", "Experiment", "__version__", "resolve", "run"]

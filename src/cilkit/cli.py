@@ -36,7 +36,7 @@ def _run_parser(sub) -> None:
 
 
 def _cli_layer(args) -> dict:
-    from cilkit.config import set_dotted
+    from cilkit.presets import set_dotted
 
     layer: dict = {}
     direct = {
@@ -60,8 +60,8 @@ def _cli_layer(args) -> dict:
 
 
 def cmd_run(args) -> int:
-    from cilkit.config import load_yaml, resolve
-    from cilkit.experiment import Experiment
+    from cilkit.experiment import Experiment, resolve
+    from cilkit.presets import load_yaml
     from cilkit.results.report import summary_text, task_table
 
     if args.resume:
@@ -71,7 +71,7 @@ def cmd_run(args) -> int:
         exp = Experiment(resolve(layers), args.run_dir, progress=args.progress)
     log.info(
         "%s on %s %s (%d tasks, %s) -> %s",
-        exp.cfg.method, exp.cfg.data.dataset, exp.scenario.name, len(exp.scenario.tasks), exp.engine.device, exp.run.path,
+        exp.cfg.method, exp.cfg.data.dataset, exp.scenario.name, len(exp.scenario.tasks), exp.runtime.device, exp.run.path,
     )
     metrics = exp.execute()
     print(task_table(metrics))
@@ -91,7 +91,7 @@ def cmd_methods(args) -> int:
 
 
 def cmd_configs(args) -> int:
-    from cilkit.config import preset_names
+    from cilkit.presets import preset_names
 
     for name in preset_names():
         print(name)

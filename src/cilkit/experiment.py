@@ -1,4 +1,5 @@
-"""Run an experiment from a config: load data, build the scenario, train task by task, save.
+"""The composition root: resolve a config, load the data, build runtime, network, memory, method and
+driver, and run them into a run folder.
 
 Everything that can be wrong with a config or its data is found before the run folder is
 created and before any training: the run folder holds only complete files.
@@ -10,16 +11,54 @@ import logging
 import time
 from pathlib import Path
 
-from cilkit.config import Config, from_dict, resolve, validate, validate_with_classes
+from cilkit.config import Config, validate
+from cilkit.data.augment import BatchAugment
 from cilkit.data.registry import load_dataset
 from cilkit.data.scenario import Scenario, make_scenario
-from cilkit.engine.trainer import Engine
-from cilkit.errors import CilkitError
+from cilkit.data.store import ImageStore, fits_on_device
+from cilkit.driver import TaskDriver
+from cilkit.errors import CilkitError, ConfigError
+from cilkit.memory.exemplars import ExemplarMemory
+from cilkit.methods import METHODS, Method
+from cilkit.models.network import build_network
+from cilkit.presets import load_yaml, merge_layers
 from cilkit.results.plots import plot_run
 from cilkit.results.report import metrics_csv
 from cilkit.results.rundir import RunDir, atomic_write_text
+from cilkit.schema import from_dict
+from cilkit.training.context import TrainingContext
+from cilkit.training.progress import Progress
+from cilkit.training.runtime import Runtime, resolve_device, seed_everything
 
 log = logging.getLogger("cilkit")
+
+
+def method_class(cfg: Config) -> type[Method]:
+    if cfg.method not in METHODS:
+        raise ConfigError("method", f"'{cfg.method}' is not allowed; choose one of: {', '.join(sorted(METHODS))}")
+    return METHODS[cfg.method]
+
+
+def check(cfg: Config, budget_given: str | None = None) -> Config:
+    """Every check that needs no data: the generic ones, then the method's (arguments, memory, backbone)."""
+    cls = method_class(cfg)
+    validate(cfg)
+    cls.validate(cfg, budget_given)
+    return cfg
+
+
+def resolve(layers: list[dict]) -> Config:
+    """Merge the user's layers over the dataset profile and the defaults, then check everything."""
+    merged, user = merge_layers(layers)
+    cfg = from_dict(Config, merged)
+    given = [k for k, v in (user.get("memory") or {}).items() if k in ("size", "per_class") and v]
+    return check(cfg, given[0] if given else None)
+
+
+def uses_memory(cfg: Config) -> bool:
+    """A memory is built for a method that requires one, and for one that may use one when a budget is set."""
+    use = method_class(cfg).memory_use
+    return use == "required" or (use == "optional" and bool(cfg.memory.per_class or cfg.memory.size))
 
 
 def build_scenario(cfg: Config) -> Scenario:
@@ -27,8 +66,43 @@ def build_scenario(cfg: Config) -> Scenario:
     data = cfg.data
     dataset = load_dataset(data.dataset, data.root, download=data.download, image_size=data.image_size)
     scenario = make_scenario(dataset, cfg.scenario.name, cfg.scenario.class_order, cfg.scenario.order_seed, data.n_classes)
-    validate_with_classes(cfg, scenario.n_classes)
+    if uses_memory(cfg) and cfg.memory.per_class is None and cfg.memory.size < scenario.n_classes:
+        raise ConfigError(
+            "memory.size",
+            f"a budget of {cfg.memory.size} exemplars cannot hold one per class for the {scenario.n_classes} classes of "
+            f"this scenario; give at least {scenario.n_classes} or use memory.per_class",
+        )
     return scenario
+
+
+def build_driver(cfg: Config, scenario: Scenario, progress: str = "auto") -> TaskDriver:
+    """The runtime on the configured device, the network, the memory and the method, in a driver."""
+    device = resolve_device(cfg.device)
+    cuda = device.type == "cuda"
+    seed_everything(cfg.seed)
+    ds = scenario.dataset
+    on_device = cfg.data.on_device
+    if on_device is None:
+        on_device = fits_on_device(ds.train.images.nbytes + ds.test.images.nbytes, device)
+    augment = BatchAugment(ds.mean, ds.std, cfg.train.augment, cfg.train.crop_pad)
+    runtime = Runtime(
+        device, ImageStore(ds.train, device, on_device), ImageStore(ds.test, device, on_device), augment,
+        amp=cuda if cfg.train.amp is None else cfg.train.amp,
+        channels_last=cuda if cfg.train.channels_last is None else cfg.train.channels_last,
+        eval_batch_size=cfg.eval.batch_size,
+    )
+    cls = method_class(cfg)
+    memory = None
+    if uses_memory(cfg):
+        per_class = cfg.memory.per_class
+        memory = ExemplarMemory(None if per_class else cfg.memory.size, per_class, cfg.memory.selection)
+    net = build_network(cfg.model.backbone, ds.image_shape, hidden=cfg.model.hidden, widths=cfg.model.widths, **cls.backbone_options)
+    if cfg.train.compile:
+        net.backbone.compile(dynamic=False)
+    ctx = TrainingContext(runtime, memory, cfg.seed, cfg.train.stage, Progress(progress))
+    method = cls(cls.parse_args(cfg.method_args), net, ctx)
+    nme_flip = augment.flips if cfg.memory.nme_flip is None else cfg.memory.nme_flip
+    return TaskDriver(method, runtime, scenario, topk=cfg.eval.topk, nme_flip=nme_flip, seed=cfg.seed)
 
 
 def default_run_dir(cfg: Config, scenario: Scenario) -> Path:
@@ -45,14 +119,22 @@ def _attach_log(run: RunDir) -> logging.Handler:
 
 
 class Experiment:
-    """An engine bound to a run folder: writes config, metrics, plot and checkpoints."""
+    """A driver bound to a run folder: writes config, metrics, plot and checkpoints."""
 
     def __init__(self, cfg: Config, run_dir: str | Path | None = None, progress: str = "auto", scenario: Scenario | None = None):
         self.cfg = cfg
         self.scenario = scenario or build_scenario(cfg)
         self.run = RunDir(run_dir or default_run_dir(cfg, self.scenario))
-        self.engine = Engine(cfg, self.scenario, progress=progress)
+        self.driver = build_driver(cfg, self.scenario, progress)
         self.resumed = False
+
+    @property
+    def method(self) -> Method:
+        return self.driver.method
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.driver.runtime
 
     @classmethod
     def from_layers(cls, layers: list[dict], run_dir=None, progress: str = "auto") -> Experiment:
@@ -64,14 +146,13 @@ class Experiment:
         run = RunDir(run_dir)
         if not run.exists():
             raise CilkitError(f"cannot resume: {run.config_path} does not exist (not a cilkit run folder)")
-        cfg = from_dict(Config, run.read_config())
-        validate(cfg)
+        cfg = check(from_dict(Config, run.read_config()))
         exp = cls(cfg, run_dir, progress)
         exp.resumed = True
         ckpt = run.latest_checkpoint()
         if ckpt is not None:
-            exp.engine.load_state_dict(run.load_checkpoint(ckpt))
-            log.info("resuming %s after task %d (%s)", run.path, exp.engine.next_task, ckpt.name)
+            exp.driver.load_state_dict(run.load_checkpoint(ckpt))
+            log.info("resuming %s after task %d (%s)", run.path, exp.driver.next_task, ckpt.name)
         return exp
 
     def start(self) -> None:
@@ -89,19 +170,19 @@ class Experiment:
         try:
             log.info("class order: %s", self.scenario.order)
             log.info("tasks: %s classes", self.scenario.increments)
-            for task in self.engine.remaining_tasks():
-                self.engine.run_task(task)
-                self.run.save_checkpoint(task.index, self.engine.state_dict())
+            for task in self.driver.remaining_tasks():
+                self.driver.run_task(task)
+                self.run.save_checkpoint(task.index, self.driver.state_dict())
                 self._write_results()
-            if not self.engine.remaining_tasks() and not self.run.metrics_path.exists():
+            if not self.driver.remaining_tasks() and not self.run.metrics_path.exists():
                 self._write_results()
-            return self.engine.metrics()
+            return self.driver.metrics()
         finally:
             log.removeHandler(handler)
             handler.close()
 
     def _write_results(self) -> None:
-        metrics = self.engine.metrics()
+        metrics = self.driver.metrics()
         self.run.write_metrics(metrics)
         atomic_write_text(self.run.path / "metrics.csv", metrics_csv(metrics))
         if metrics["tasks"]:
@@ -114,10 +195,8 @@ def run(config: dict | Config | str | None = None, run_dir: str | Path | None = 
     ``config`` is a dict of config keys, a :class:`Config`, or a YAML file / preset name;
     ``overrides`` are more config keys (``run(method="finetune", train={"epochs": 3})``).
     """
-    from cilkit.config import load_yaml
-
     if isinstance(config, Config):
-        cfg = config
+        cfg = check(config)
     else:
         layers = [load_yaml(config)] if isinstance(config, str) else [config or {}]
         cfg = resolve(layers + [overrides])

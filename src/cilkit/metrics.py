@@ -78,3 +78,32 @@ def summarize(acc: Sequence[float], R: Matrix) -> dict:
         "avg_forgetting": average_forgetting(R),
         "bwt": backward_transfer(R),
     }
+
+
+def run_summary(records: Sequence[dict], topk: int) -> tuple[dict, dict]:
+    """The summary figures of a run from its per-task records, and its accuracy matrices.
+
+    For the CNN head (and the NME one when recorded): average incremental and last accuracy (top-1
+    and top-k), average forgetting and BWT; then the wall time and the training throughput. The
+    NME figures carry the prefix ``nme_``. Returns ``(summary, {"accuracy_matrix": R, ...})``.
+    """
+    summary: dict = {}
+    matrices: dict = {}
+    if not records:
+        return summary, matrices
+    k = f"top{topk}"
+    for head in ("cnn", "nme"):
+        if head not in records[0]:
+            continue
+        acc = [r[head]["top1"] for r in records]
+        R = [r[head]["per_task"] for r in records]
+        figures = summarize(acc, R)
+        figures["avg_incremental_" + k] = sum(r[head][k] for r in records) / len(records)
+        figures["last_" + k] = records[-1][head][k]
+        prefix = "" if head == "cnn" else "nme_"
+        summary.update({prefix + key: v for key, v in figures.items()})
+        matrices[prefix + "accuracy_matrix"] = R
+    summary["wall_time_s"] = sum(r["wall_time_s"] for r in records)
+    images, seconds = sum(r["train_images"] for r in records), sum(r["train_seconds"] for r in records)
+    summary["train_images_per_s"] = images / max(seconds, 1e-9)
+    return summary, matrices

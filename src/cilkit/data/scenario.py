@@ -85,6 +85,11 @@ class Task:
     def classes(self) -> range:
         return range(self.start, self.stop)
 
+    @property
+    def old_fraction(self) -> float:
+        """n_old / n_seen: the share of old classes among those seen (the KD weight of WA, BiC, COIL)."""
+        return self.start / self.stop
+
 
 @dataclass
 class Scenario:

@@ -17,3 +17,9 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, T: float = 2.0, t2: bo
     p_teacher = F.softmax(teacher.detach().float() / T, dim=1)
     loss = -(p_teacher * F.log_softmax(student.float() / T, dim=1)).sum(1).mean()
     return loss * (T * T) if t2 else loss
+
+
+def embedding_distillation(f_new: torch.Tensor, f_old: torch.Tensor) -> torch.Tensor:
+    """L_em = (1/B) sum_x || f_new(x)/||f_new(x)|| - f_old(x)/||f_old(x)|| ||_2^2 (teacher detached)."""
+    diff = F.normalize(f_new.float(), dim=1) - F.normalize(f_old.detach().float(), dim=1)
+    return diff.pow(2).sum(1).mean()

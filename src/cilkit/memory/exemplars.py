@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import math
+
 import torch
 
 from cilkit.memory.herding import herding, random_selection
@@ -68,8 +70,33 @@ class ExemplarMemory:
                 order = random_selection(len(idx), m, generator)
             self.exemplars[int(c)] = idx[order]
 
+    def update_ceil_trim(self, new_classes: range | list[int], class_indices: Callable[[int], torch.Tensor]) -> None:
+        """SS-IL's official rule instead of :meth:`update`: see :func:`ceil_trim_first`."""
+        ceil_trim_first(self.exemplars, new_classes, class_indices, self.total, self.per_class)
+
     def state_dict(self) -> dict:
         return {"exemplars": {int(c): v.clone() for c, v in self.exemplars.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.exemplars = {int(c): v.clone() for c, v in state["exemplars"].items()}
+
+
+def ceil_trim_first(exemplars: dict, new_classes, class_indices, total: int | None, per_class: int | None) -> None:
+    """SS-IL's official memory rule (Ahn et al., ICCV 2021, official code), in place on ``exemplars``.
+
+    Quota ceil(K / n_seen) (or the fixed per-class number); new classes take their first samples,
+    old ones keep a prefix; then one sample is dropped from each of the ``len - K`` largest classes
+    (ties broken towards the latest class, like a stable argsort).
+    """
+    n_seen = len(exemplars) + len(new_classes)
+    quota = per_class if per_class is not None else math.ceil(total / n_seen)
+    for c in exemplars:
+        exemplars[c] = exemplars[c][:quota]
+    for c in new_classes:
+        exemplars[int(c)] = class_indices(c).cpu()[:quota]
+    if per_class is None:
+        excess = sum(len(v) for v in exemplars.values()) - total
+        if excess > 0:
+            largest = sorted(exemplars, key=lambda c: (len(exemplars[c]), c), reverse=True)[:excess]
+            for c in largest:
+                exemplars[c] = exemplars[c][:-1]

@@ -1,7 +1,8 @@
-"""Class-incremental methods, one module each.
+"""Class-incremental methods, one module (or package) each, and their registry.
 
 ``METHODS`` maps a config name to its class. Every module of this package is scanned for
-:class:`Method` subclasses with a ``name``, so adding a method is adding its file.
+:class:`Method` subclasses with a ``name``, so adding a method is adding its file. Only the
+composition root (:mod:`cilkit.experiment`) and the CLI look methods up here.
 """
 
 from __future__ import annotations

@@ -1,42 +1,84 @@
-"""The method interface: the hooks through which a method changes the shared training loop.
+"""The method interface: the hooks through which a method changes the shared task loop.
 
-The engine (:mod:`cilkit.engine.trainer`) runs every task the same way::
+The task driver (:mod:`cilkit.driver`) runs every task the same way::
 
     grow(task)              # structure only: new head rows, new modules (replayed on resume)
-    before_task(task)       # teacher copy, data-dependent initialisation, ...
-    fit(param_groups(task), train_indices(task), loss)   # the one training loop
-    after_task(task)        # post-processing, exemplar selection, class means
+    teacher = the previous model, when the method distils (``distills = True``)
+    before_task(task)       # data-dependent initialisation, validation splits, warm-ups
+    fit(param_groups(task), train_indices(task), stage(task), loss)   # the one training loop
+    after_task(task)        # post-processing, extra stages, exemplar selection
+    teacher dropped; NME class means refreshed by the driver
     evaluate(inference)     # logits (CNN) and features (NME) of the seen classes
 
-A method overrides only the hooks where its paper differs from this loop.
+A method overrides only the hooks where its paper differs from this loop, and reaches the runtime
+only through its :class:`Context`. See docs/architecture.md.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import typing
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from cilkit.config import from_dict
 from cilkit.data.scenario import Task
-from cilkit.engine.optim import Stage
+from cilkit.data.store import ImageStore
 from cilkit.errors import ConfigError
-from cilkit.models.network import IncrementalNet
+from cilkit.memory.exemplars import ExemplarMemory
+from cilkit.models.network import IncrementalNet, eval_mode, frozen_copy
+from cilkit.schema import from_dict
+from cilkit.training.loop import StepInfo, shuffled_batches
+from cilkit.training.stage import Stage
 
-if TYPE_CHECKING:
-    from cilkit.engine.trainer import Engine
+MemoryUse = Literal["required", "optional", "none"]
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy in eval mode with no gradients: the teacher of distillation methods."""
-    teacher = copy.deepcopy(module).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
+class Context(Protocol):
+    """What a method may use of the runtime: the data, the memory, the loop and feature extraction.
+
+    Implemented by :class:`cilkit.training.context.TrainingContext`; tests pass small fakes.
+    """
+
+    device: torch.device
+    seed: int  # the run's seed (for a method's own seeded routines, e.g. k-means)
+    train_data: ImageStore  # ``labels``, ``indices_of(classes)``, ``batch(idx)``
+    memory: ExemplarMemory | None  # the exemplar memory, when the method keeps one
+    at: StepInfo  # where the loop is (stage, epoch, step), updated before every loss call
+
+    def stage(self, task: Task) -> Stage:
+        """The configured stage (epochs, optimizer, schedule) of ``task``."""
+
+    def fit(self, groups: list[dict], indices: torch.Tensor, stage: Stage, loss: Loss, *,
+            batches: Callable, train_mode: Callable[[], None], after_step: Callable[[], None], desc: str = "") -> dict:
+        """The training loop (:func:`cilkit.training.loop.fit`)."""
+
+    def features(self, indices: torch.Tensor, forward: Callable[[torch.Tensor], dict], *, flip: bool = False,
+                 transform: Callable | None = None) -> torch.Tensor:
+        """``forward(x)["features"]`` of training samples under test-time transforms."""
+
+
+class Teacher:
+    """The frozen model of the previous task (a deep copy in eval mode), run without gradients."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = frozen_copy(module)
+
+    def __call__(self, x: torch.Tensor) -> dict:
+        with torch.no_grad():
+            return self.module(x)
+
+    def old_logits(self, x: torch.Tensor, n_old: int) -> torch.Tensor:
+        """The teacher's logits over the ``n_old`` classes it knew."""
+        return self(x)["logits"][:, :n_old]
+
+    def backbone(self, x: torch.Tensor) -> dict:
+        """The teacher's backbone output (features and stage maps) only."""
+        with torch.no_grad():
+            return self.module.backbone(x)
 
 
 @dataclasses.dataclass
@@ -48,22 +90,25 @@ class Method:
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     Hyper: ClassVar[type] = NoHyper
-    needs_memory: ClassVar[bool] = False  # keeps exemplars (and so reports NME accuracy)
-    accepts_memory: ClassVar[bool] = True  # False: exemplar-free by design, refuses a budget
+    # required: keeps exemplars (and reports NME); optional: keeps them when the budget is not 0; none:
+    # exemplar-free, a budget given by the user is refused
+    memory_use: ClassVar[MemoryUse] = "none"
+    distills: ClassVar[bool] = False  # a Teacher of the previous model exists during every task after the first
     backbone_options: ClassVar[dict] = {}  # e.g. {"last_relu": False} for a signed embedding (UCIR, PODNet)
 
-    def __init__(self, hp, net: IncrementalNet, engine: Engine):
+    def __init__(self, hp, net: IncrementalNet, ctx: Context):
         """A method with another classifier replaces ``net.head`` here, before any class exists."""
         self.hp = hp
         self.net = net
-        self.engine = engine
+        self.ctx = ctx
         self.task: Task | None = None
+        self.teacher: Teacher | None = None
 
-    # -- configuration -------------------------------------------------------------------------
+    # -- configuration, checked before any data is read -------------------------------------------
 
     @classmethod
     def parse_args(cls, args: dict):
-        """The typed hyperparameters from ``method_args``; unknown keys are config errors."""
+        """The typed hyperparameters from ``method_args``; unknown keys and bad values are config errors."""
         try:
             return from_dict(cls.Hyper, args or {}, "method_args.")
         except ConfigError as e:
@@ -73,67 +118,95 @@ class Method:
             raise
 
     @classmethod
-    def check_config(cls, cfg) -> None:
-        """Method-specific checks of the whole config (e.g. a backbone it cannot use); raise ConfigError."""
+    def needs_maps(cls, hp) -> bool:
+        """Whether the method reads the backbone's convolutional feature maps (the MLP has none)."""
+        return False
+
+    @classmethod
+    def check_config(cls, cfg: Any, hp) -> None:
+        """Method-specific checks of the whole config (e.g. an option it cannot combine); raise ConfigError."""
+
+    @classmethod
+    def validate(cls, cfg: Any, budget_given: str | None = None):
+        """Every check of the method's settings: its arguments, its use of memory and of the backbone.
+
+        ``budget_given`` names the memory key the user set (``size`` or ``per_class``), if any.
+        Returns the parsed hyperparameters.
+        """
+        hp = cls.parse_args(cfg.method_args)
+        if budget_given and cls.memory_use == "none":
+            raise ConfigError(f"memory.{budget_given}", f"method '{cls.name}' keeps no exemplars: remove the memory budget")
+        if cls.needs_maps(hp) and cfg.model.backbone == "mlp":
+            raise ConfigError(
+                "model.backbone",
+                f"'mlp' has no convolutional feature maps, which method '{cls.name}' reads with these settings; "
+                "use a convolutional backbone: convnet, resnet32, resnet18 or resnet18_cifar",
+            )
+        if cls.memory_use == "required":
+            if cfg.memory.per_class is not None:
+                if cfg.memory.per_class <= 0:
+                    raise ConfigError("memory.per_class", f"must be a positive number, got {cfg.memory.per_class}")
+            elif cfg.memory.size is None or cfg.memory.size <= 0:
+                raise ConfigError("memory.size", f"method '{cls.name}' keeps exemplars: give a positive budget, got {cfg.memory.size}")
+        cls.check_config(cfg, hp)
+        return hp
 
     @classmethod
     def hyper_defaults(cls) -> dict:
         hints = typing.get_type_hints(cls.Hyper)
         return {f.name: (hints[f.name], getattr(cls.Hyper(), f.name)) for f in dataclasses.fields(cls.Hyper)}
 
+    # -- what the method knows of the run -------------------------------------------------------
+
     @property
-    def memory(self):
-        return self.engine.memory
+    def memory(self) -> ExemplarMemory | None:
+        return self.ctx.memory
 
     @property
     def n_old(self) -> int:
         """Classes seen before the current task."""
         return self.task.start if self.task is not None else 0
 
+    @property
+    def at(self) -> StepInfo:
+        """Where the training loop is (stage, epoch, step of the epoch)."""
+        return self.ctx.at
+
     # -- hooks ---------------------------------------------------------------------------------
 
     def grow(self, task: Task) -> None:
-        """Add the task's classes to the network. Structure only: the engine replays it on resume."""
+        """Add the task's classes to the network. Structure only: the driver replays it on resume."""
         self.net.add_classes(task.n_classes)
 
+    def distilled(self) -> torch.nn.Module:
+        """The module the teacher copies (the network; BiC adds its bias layers)."""
+        return self.net
+
     def before_task(self, task: Task) -> None:
-        """Called after ``grow`` and before training on ``task``."""
+        """Called after ``grow`` (and the teacher's creation) and before training on ``task``."""
 
     def train_indices(self, task: Task) -> torch.Tensor:
         """Training-set indices of the task: its new data, plus the exemplars when there is a memory."""
-        new = self.engine.train_data.indices_of(task.classes)
+        new = self.ctx.train_data.indices_of(task.classes)
         if self.memory is None or len(self.memory) == 0:
             return new
         return torch.cat([new, self.memory.indices().to(new.device)])
 
     def stage(self, task: Task) -> Stage:
         """Epochs, optimizer and schedule of the task's training (the config's by default)."""
-        return Stage.for_task(self.engine.cfg.train, task.index)
+        return self.ctx.stage(task)
 
     def epoch_batches(self, indices: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-        """One epoch's batches of training indices: a shuffled pass over ``indices``.
-
-        A last batch of a single sample is dropped (BatchNorm cannot train on it). Methods with their
-        own batching (SS-IL's fixed ratio of new and exemplar samples) override this.
-        """
-        order = indices[torch.randperm(len(indices), device=indices.device)]
-        plan = list(order.split(batch_size))
-        if len(plan) > 1 and len(plan[-1]) < 2:
-            plan.pop()
-        return plan
+        """One epoch's batches of training indices: a shuffled pass (SS-IL's fixed replay ratio overrides it)."""
+        return shuffled_batches(indices, batch_size)
 
     def param_groups(self, task: Task) -> list[dict]:
         """Optimizer parameter groups; all trainable parameters of the network by default."""
         return [{"params": [p for p in self.net.parameters() if p.requires_grad]}]
 
     def train_mode(self) -> None:
-        """Put modules in training mode at the start of each epoch (frozen parts stay in eval).
-
-        During :meth:`balanced_finetune` the backbone stays in eval mode (BatchNorm frozen).
-        """
+        """The modules' modes during the task's training, set at the start of every epoch."""
         self.net.train()
-        if getattr(self, "_backbone_frozen", False):
-            self.net.backbone.eval()
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Loss of one augmented batch: cross-entropy over all seen classes."""
@@ -143,29 +216,9 @@ class Method:
         """Called after every optimizer step (e.g. weight clipping)."""
 
     def after_task(self, task: Task) -> None:
-        """Called after training on ``task``; updates the exemplar memory and class means."""
+        """Called after training on ``task``; selects the new classes' exemplars when there is a memory."""
         if self.memory is not None:
-            self.engine.update_memory(task)
-
-    def class_features(self, c: int) -> torch.Tensor:
-        """Features (eval mode, test transforms) of every training image of class ``c``."""
-        return self.engine.extract_features(self.engine.train_data.indices_of([c]))
-
-    def balanced_finetune(self, params: list, stage, loss_fn=None) -> dict:
-        """Class-balanced finetuning of ``params`` on the exemplar memory (UCIR, PODNet, DER).
-
-        Call it after ``engine.update_memory(task)``, so that every seen class, new ones included,
-        holds the same number of exemplars. The backbone stays in eval mode (BatchNorm statistics
-        frozen); only ``params`` are optimised. The class means are recomputed afterwards.
-        """
-        self._backbone_frozen = True
-        try:
-            stats = self.engine.fit([{"params": params}], self.memory.indices().to(self.engine.device), stage,
-                                    loss_fn or self.loss, desc="balanced finetuning")
-        finally:
-            self._backbone_frozen = False
-        self.engine.class_means = self.engine.compute_class_means()
-        return stats
+            self.update_memory(task)
 
     def inference(self, x: torch.Tensor) -> dict:
         """``{"logits", "features"}`` of a normalised test batch, in eval mode."""
@@ -182,3 +235,53 @@ class Method:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    # -- the task's lifetime, called by the driver ------------------------------------------------
+
+    def start_task(self, task: Task) -> None:
+        """The teacher of a distilling method: the model as it was after the previous task."""
+        self.teacher = Teacher(self.distilled()) if self.distills and task.index > 0 else None
+
+    def end_task(self, task: Task) -> None:
+        self.teacher = None
+
+    # -- shared parts -------------------------------------------------------------------------
+
+    def fit(self, groups: list[dict], indices: torch.Tensor, stage: Stage, loss: Loss, *,
+            train_mode: Callable[[], None] | None = None, desc: str = "") -> dict:
+        """Run the training loop with this method's batching and step hook (and ``train_mode``, the
+        modes of the stage: the method's own by default)."""
+        return self.ctx.fit(groups, indices, stage, loss, batches=self.epoch_batches,
+                            train_mode=train_mode or self.train_mode, after_step=self.after_step, desc=desc)
+
+    def frozen_backbone_mode(self) -> None:
+        """Train mode for an extra stage that trains a head on a fixed backbone (BatchNorm frozen)."""
+        self.net.train()
+        self.net.backbone.eval()
+
+    def features(self, indices: torch.Tensor, flip: bool = False, transform: Callable | None = None,
+                 forward: Callable[[torch.Tensor], dict] | None = None) -> torch.Tensor:
+        """Eval-mode features (``inference`` by default) of training samples under test transforms."""
+        if len(indices) == 0:
+            return torch.empty(0, self.net.feature_dim, device=self.ctx.device)
+        with eval_mode(self.net):
+            return self.ctx.features(indices, forward or self.inference, flip=flip, transform=transform)
+
+    def class_features(self, c: int) -> torch.Tensor:
+        """Features of every training image of class ``c``."""
+        return self.features(self.ctx.train_data.indices_of([c]))
+
+    def update_memory(self, task: Task) -> None:
+        """Shrink the old classes' exemplars to the new quota, then select the new classes' (herding
+        with the current model)."""
+        self.memory.update(task.classes, lambda c: self.ctx.train_data.indices_of([c]), self.features)
+
+    def balanced_finetune(self, params: list, stage: Stage, loss: Loss | None = None,
+                          train_mode: Callable[[], None] | None = None) -> dict:
+        """Class-balanced finetuning of ``params`` on the exemplar memory (UCIR, PODNet, DER).
+
+        Call it after :meth:`update_memory`, so that every seen class, new ones included, holds the
+        same number of exemplars. The backbone stays in eval mode (BatchNorm statistics frozen).
+        """
+        return self.fit([{"params": params}], self.memory.indices().to(self.ctx.device), stage, loss or self.loss,
+                        train_mode=train_mode or self.frozen_backbone_mode, desc="balanced finetuning")

@@ -50,23 +50,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from cilkit.data.scenario import Task
-from cilkit.engine.optim import Stage
 from cilkit.losses import kd_loss
-from cilkit.methods.base import Method, frozen_copy
+from cilkit.methods.base import Method
+from cilkit.schema import param
+from cilkit.training.stage import Stage
 
 log = logging.getLogger("cilkit")
 
 
 @dataclass
 class BiCHyper:
-    T: float = 2.0  # Wu et al. 2019, distillation loss L_d: T = 2 [paper]; PyCIL T = 2
-    val_ratio: float = 0.1  # Wu et al. 2019, implementation details: exemplars split train/val 9:1 [paper]; PyCIL split_ratio 0.1
+    T: float = param(2.0, gt=0)  # Wu et al. 2019, distillation loss L_d: T = 2 [paper]; PyCIL T = 2
+    val_ratio: float = param(0.1, gt=0, lt=1)  # Wu et al. 2019, implementation details: exemplars split train/val 9:1 [paper]; PyCIL split_ratio 0.1
     val_split: Literal["paper", "pycil"] = "paper"  # v from the exemplars held per old class, or PyCIL's 0.1*K/n
     # Stage 2's schedule; None = the task's stage-1 setting, as PyCIL (same epochs, lr, milestones, wd on
     # (alpha, beta)). The paper gives no separate schedule for stage 2 [assumption].
-    stage2_epochs: int | None = None
-    stage2_lr: float | None = None
-    stage2_weight_decay: float | None = None
+    stage2_epochs: int | None = param(None, ge=0)
+    stage2_lr: float | None = param(None, gt=0)
+    stage2_weight_decay: float | None = param(None, ge=0)
     stage2_milestones: list[int] | None = None
     stage2_double_softmax: bool = False  # True: PyCIL's CE(softmax(q), y) (a double softmax); False: CE(q, y), the paper
     stage2_bn_train: bool = False  # True: BatchNorm in train mode during stage 2 (PyCIL calls network.train())
@@ -118,26 +119,23 @@ class BiC(Method):
     name = "bic"
     paper = "Wu et al., Large Scale Incremental Learning, CVPR 2019"
     Hyper = BiCHyper
-    needs_memory = True
+    memory_use = "required"
+    distills = True  # the previous model with its bias layers: its corrected logits are the KD targets
 
-    def __init__(self, hp, net, engine):
-        super().__init__(hp, net, engine)
+    def __init__(self, hp, net, ctx):
+        super().__init__(hp, net, ctx)
         self.bias = BiasLayers()
         self.model = BiasCorrectedNet(self.net, self.bias)
-        self.teacher: nn.Module | None = None
         self.val_idx: torch.Tensor | None = None  # V of the current task (rebuilt by before_task)
-        self._stage2 = False
-
-    @property
-    def lam(self) -> float:
-        """lambda = n / (n + m): old classes over all seen classes."""
-        return self.n_old / self.task.stop
 
     # -- structure -------------------------------------------------------------------------------
 
     def grow(self, task: Task) -> None:
         super().grow(task)
-        self.bias.add_task(task.n_classes, self.engine.device)
+        self.bias.add_task(task.n_classes, self.ctx.device)
+
+    def distilled(self) -> nn.Module:
+        return self.model
 
     # -- the validation split --------------------------------------------------------------------
 
@@ -147,25 +145,21 @@ class BiC(Method):
             held = min(len(self.memory.exemplars[c]) for c in range(self.n_old))
             v = int(self.hp.val_ratio * held + 1e-9)
         else:
-            total = self.engine.cfg.memory.size or self.memory.quota(self.n_old) * self.n_old
+            total = self.memory.total or self.memory.quota(self.n_old) * self.n_old
             v = int(self.hp.val_ratio * total / self.n_old + 1e-9)
         return max(1, v)
 
     def split_validation(self, task: Task) -> torch.Tensor:
         """V: v random exemplars of each old class and v random samples of each new class."""
         pools = [self.memory.exemplars[c].cpu() for c in range(self.n_old)]
-        pools += [self.engine.train_data.indices_of([c]).cpu() for c in task.classes]
+        pools += [self.ctx.train_data.indices_of([c]).cpu() for c in task.classes]
         v = min(self.val_per_class(task), min(len(p) for p in pools))  # the same count for every class
         picks = [pool[torch.randperm(len(pool))[:v]] for pool in pools]
-        return torch.cat(picks).to(self.engine.device)
+        return torch.cat(picks).to(self.ctx.device)
 
     def before_task(self, task: Task) -> None:
         self.val_idx = None
-        self.teacher = None
         if task.index > 0:
-            # The previous model with its bias layers: its corrected logits are the KD targets.
-            # grow() has appended this task's rows and (1, 0) pair; only old columns are used.
-            self.teacher = frozen_copy(self.model)
             self.val_idx = self.split_validation(task)
             log.info("BiC: validation set of %d samples (%d a class)", len(self.val_idx), len(self.val_idx) // task.stop)
 
@@ -188,18 +182,18 @@ class BiC(Method):
         ce = F.cross_entropy(q, y)
         if self.teacher is None:
             return ce
-        with torch.no_grad():
-            q_hat = self.teacher(x)["logits"][:, : self.n_old]
-        kd = kd_loss(q[:, : self.n_old], q_hat, self.hp.T)
-        return self.lam * kd + (1.0 - self.lam) * ce
+        lam = self.task.old_fraction  # n / (n + m)
+        kd = kd_loss(q[:, : self.n_old], self.teacher.old_logits(x, self.n_old), self.hp.T)
+        return lam * kd + (1.0 - lam) * ce
 
     # -- stage 2 -------------------------------------------------------------------------------
 
-    def train_mode(self) -> None:
-        if self._stage2 and not self.hp.stage2_bn_train:
+    def stage2_mode(self) -> None:
+        """Everything frozen, BatchNorm in eval mode (train mode with ``stage2_bn_train``, as PyCIL)."""
+        if self.hp.stage2_bn_train:
+            self.net.train()
+        else:
             self.net.eval()
-            return
-        super().train_mode()
 
     def stage2_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -210,13 +204,13 @@ class BiC(Method):
         return F.cross_entropy(q, y)
 
     def stage2_stage(self, task: Task) -> Stage:
-        base = Stage.for_task(self.engine.cfg.train, task.index)
+        base = self.stage(task)
         hp = self.hp
 
         def pick(value, default):
             return default if value is None else value
 
-        return base.with_(
+        return base.replace(
             epochs=pick(hp.stage2_epochs, base.epochs), lr=pick(hp.stage2_lr, base.lr),
             weight_decay=pick(hp.stage2_weight_decay, base.weight_decay),
             milestones=list(pick(hp.stage2_milestones, base.milestones)),
@@ -226,12 +220,8 @@ class BiC(Method):
         """Stage 2: train this task's (alpha, beta) alone on V, the rest of the model frozen."""
         t = task.index
         params = [self.bias.alpha[t], self.bias.beta[t]]
-        self._stage2 = True
-        try:
-            stats = self.engine.fit([{"params": params}], self.val_idx, self.stage2_stage(task), self.stage2_loss,
-                                    desc="BiC bias correction")
-        finally:
-            self._stage2 = False
+        stats = self.fit([{"params": params}], self.val_idx, self.stage2_stage(task), self.stage2_loss,
+                         train_mode=self.stage2_mode, desc="BiC bias correction")
         log.info("BiC: task %d alpha %.4f beta %.4f", t + 1, params[0].item(), params[1].item())
         return stats
 

@@ -44,27 +44,28 @@ import torch
 import torch.nn.functional as F
 
 from cilkit.data.scenario import Task
-from cilkit.errors import ConfigError
 from cilkit.losses import kd_loss
-from cilkit.methods.base import Method, frozen_copy
-from cilkit.models.heads import CosineLinear
+from cilkit.memory.nme import class_mean
+from cilkit.methods.base import Method
+from cilkit.models.heads import CosineLinear, mean_row_norm
+from cilkit.schema import param
 
 log = logging.getLogger("cilkit")
 
 
 @dataclass
 class COILHyper:
-    T: float = 2.0  # temperature of KD, L_PT and L_RT (official COIL.py: T = 2)
-    sinkhorn_reg: float = 0.464  # entropic regularisation (official main.py --sinkhorn 0.464)
-    norm_term: float = 3.0  # p of the Minkowski cost torch.cdist(p) (official --norm_term 3.0)
-    pt_weight: float = 1e-3  # weight of L_PT, epoch 0 (official COIL.py: hard-coded 0.001)
-    rt_weight: float = 1e-3  # weight of L_RT, epochs >= 1 (official --reg_term 1e-3)
-    rt_every: int = 30  # RT plan recomputed at batches 0, 30, 60, ... of each epoch (official i % 30 == 0)
+    T: float = param(2.0, gt=0)  # temperature of KD, L_PT and L_RT (official COIL.py: T = 2)
+    sinkhorn_reg: float = param(0.464, gt=0)  # entropic regularisation (official main.py --sinkhorn 0.464)
+    norm_term: float = param(3.0, ge=1)  # p of the Minkowski cost torch.cdist(p) (official --norm_term 3.0)
+    pt_weight: float = param(1e-3, ge=0)  # weight of L_PT, epoch 0 (official COIL.py: hard-coded 0.001)
+    rt_weight: float = param(1e-3, ge=0)  # weight of L_RT, epochs >= 1 (official --reg_term 1e-3)
+    rt_every: int = param(30, ge=1)  # RT plan recomputed at batches 0, 30, 60, ... of each epoch (official i % 30 == 0)
     marginals: Literal["normalized", "pycil"] = "normalized"  # both sum to 1; pycil: 1/|C_old| everywhere (code)
     use_pt: bool = True  # prospective transport: OT initialisation of the new rows and L_PT (ablation: false)
     use_rt: bool = True  # retrospective transport L_RT (ablation: false)
     pt_old_prototypes: Literal["memory", "data"] = "memory"  # old prototypes from exemplars [assumption]; data = code
-    rt_samples_per_class: int = 50  # RT prototypes from <= this many samples a class [assumption]; 0 = all (code)
+    rt_samples_per_class: int = param(50, ge=0)  # RT prototypes from <= this many samples a class [assumption]; 0 = all (code)
 
 
 def pt_schedule(epoch: int) -> float:
@@ -82,7 +83,7 @@ def class_prototypes(features: torch.Tensor, counts: list[int]) -> torch.Tensor:
 
     A class without samples (a memory quota of 0) gets a zero row.
     """
-    rows = [F.normalize(F.normalize(f.float(), dim=1).sum(0) / max(len(f), 1), dim=0) for f in features.split(counts)]
+    rows = [class_mean(f) if len(f) else f.new_zeros(f.shape[1]) for f in features.float().split(counts)]
     return torch.stack(rows)
 
 
@@ -120,7 +121,7 @@ def transported_weights(plan: torch.Tensor, W_src: torch.Tensor, scale: float) -
 
 def calibrate(W_hat: torch.Tensor, W_old: torch.Tensor) -> tuple[torch.Tensor, float]:
     """gamma = mean ||W_old|| / mean ||W_hat||; returns (gamma * W_hat, gamma)."""
-    gamma = (W_old.detach().float().norm(dim=1).mean() / W_hat.norm(dim=1).mean()).item()
+    gamma = (mean_row_norm(W_old.detach()) / mean_row_norm(W_hat)).item()
     return gamma * W_hat, gamma
 
 
@@ -155,52 +156,30 @@ class COIL(Method):
     name = "coil"
     paper = "Zhou, Ye, Zhan, Co-Transport for Class-Incremental Learning, ACM MM 2021"
     Hyper = COILHyper
-    needs_memory = True
+    memory_use = "required"
+    distills = True  # g, the model after task t-1
     backbone_options: ClassVar[dict] = {"last_relu": False}  # PyCIL's cosine_resnet32: no ReLU after the last block
 
-    def __init__(self, hp, net, engine):
-        super().__init__(hp, net, engine)
-        if hp.rt_every < 1:
-            raise ConfigError("method_args.rt_every", "must be >= 1 (iterations between two RT plans)")
+    def __init__(self, hp, net, ctx):
+        super().__init__(hp, net, ctx)
         net.head = CosineLinear(net.feature_dim, sigma=1.0, learn_scale=True)  # PyCIL: sigma starts at 1
-        self.teacher: torch.nn.Module | None = None
         self.W_hat: torch.Tensor | None = None  # PT classifier (fixed during the task)
         self.W_retro: torch.Tensor | None = None  # RT classifier (refreshed every rt_every batches)
-        self.epoch, self.batch, self.epochs = -1, 0, 1
         self.rt_indices: list[torch.Tensor] = []  # per seen class: the samples of its RT prototype
         self.gammas: list[float] = []
-
-    @property
-    def lam(self) -> float:
-        return self.n_old / self.task.stop
-
-    # -- counters: the engine calls train_mode at the start of every epoch, after_step after every step
-
-    def train_mode(self) -> None:
-        self.epoch += 1
-        self.batch = 0
-        super().train_mode()
-
-    def after_step(self) -> None:
-        self.batch += 1
 
     # -- prototypes and transports -----------------------------------------------------------------
 
     def prototypes(self, index_lists: list[torch.Tensor]) -> torch.Tensor:
         """Prototypes of classes given their sample indices, with the current model (eval mode)."""
-        device = self.engine.device
-        idx = [i.to(device) for i in index_lists]
-        feats = self.engine.extract_features(torch.cat(idx))
-        return class_prototypes(feats, [len(i) for i in idx])
+        idx = [i.to(self.ctx.device) for i in index_lists]
+        return class_prototypes(self.features(torch.cat(idx)), [len(i) for i in idx])
 
     def before_task(self, task: Task) -> None:
-        self.epoch, self.batch = -1, 0
-        self.epochs = self.stage(task).epochs
-        self.teacher, self.W_hat, self.W_retro = None, None, None
+        self.W_hat, self.W_retro = None, None
         if task.index == 0:
             return
-        self.teacher = frozen_copy(self.net)
-        data = self.engine.train_data
+        data = self.ctx.train_data
         old, new = range(task.start), list(task.classes)
         if self.hp.use_pt:
             src = [self.memory.exemplars[c] if self.hp.pt_old_prototypes == "memory" else data.indices_of([c]) for c in old]
@@ -226,35 +205,35 @@ class COIL(Method):
     @torch.no_grad()
     def retrospective_transport(self) -> torch.Tensor:
         P = self.prototypes(self.rt_indices)
-        Method.train_mode(self)  # extract_features left the network in eval mode; not a new epoch
         W_new = self.net.head.blocks[self.task.index]
         return retrospective_weights(P[: self.n_old], P[self.n_old :], W_new, self.hp)
 
     # -- loss --------------------------------------------------------------------------------------
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        rt_on = self.teacher is not None and self.hp.use_rt and self.epoch >= 1
-        if rt_on and self.batch % self.hp.rt_every == 0:
+        epoch = self.at.epoch
+        rt_on = self.teacher is not None and self.hp.use_rt and epoch >= 1
+        if rt_on and self.at.step % self.hp.rt_every == 0:
             self.W_retro = self.retrospective_transport()
         f = self.net.backbone(x)["features"]
         z = self.net.head(f).float()
         ce = F.cross_entropy(z, y)
         if self.teacher is None:
             return ce
-        with torch.no_grad():
-            z_old = self.teacher(x)["logits"][:, : self.n_old].float()
-        loss = (1.0 - self.lam) * ce + self.lam * kd_loss(z[:, : self.n_old], z_old, self.hp.T)
+        z_old = self.teacher.old_logits(x, self.n_old).float()
+        lam = self.task.old_fraction
+        loss = (1.0 - lam) * ce + lam * kd_loss(z[:, : self.n_old], z_old, self.hp.T)
         f_unit = F.normalize(f.float(), dim=1)
-        if self.hp.use_pt and self.epoch == 0 and self.W_hat is not None:
-            loss = loss + self.hp.pt_weight * pt_schedule(self.epoch) * pt_loss(f_unit, self.W_hat, z[:, self.n_old :], self.hp.T)
+        if self.hp.use_pt and epoch == 0 and self.W_hat is not None:
+            loss = loss + self.hp.pt_weight * pt_schedule(epoch) * pt_loss(f_unit, self.W_hat, z[:, self.n_old :], self.hp.T)
         if rt_on and self.W_retro is not None:
-            w = self.hp.rt_weight * rt_schedule(self.epoch, self.epochs)
+            w = self.hp.rt_weight * rt_schedule(epoch, self.at.epochs)
             loss = loss + w * rt_loss(f_unit, self.W_retro, z_old, self.hp.T)
         return loss
 
     def after_task(self, task: Task) -> None:
         super().after_task(task)
-        self.teacher, self.W_hat, self.W_retro, self.rt_indices = None, None, None, []
+        self.W_hat, self.W_retro, self.rt_indices = None, None, []
 
     def state_dict(self) -> dict:
         return {"gammas": list(self.gammas)}

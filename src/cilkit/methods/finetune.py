@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
+from cilkit.losses import masked_ce
 from cilkit.methods.base import Method
 
 
@@ -32,7 +32,4 @@ class Finetune(Method):
     Hyper = FinetuneHyper
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = self.net(x)["logits"]
-        if self.hp.ce_mask == "new":
-            return F.cross_entropy(logits[:, self.n_old :], y - self.n_old)
-        return F.cross_entropy(logits, y)
+        return masked_ce(self.net(x)["logits"], y, self.n_old, self.hp.ce_mask)

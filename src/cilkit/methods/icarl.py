@@ -50,15 +50,15 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from cilkit.data.scenario import Task
 from cilkit.losses import kd_loss
-from cilkit.methods.base import Method, frozen_copy
+from cilkit.methods.base import Method
+from cilkit.schema import param
 
 
 @dataclass
 class ICaRLHyper:
     loss: Literal["bce", "softmax_kd"] = "bce"  # Rebuffi et al. 2017, Alg. 3 (sigmoid BCE); "softmax_kd": PyCIL
-    T: float = 2.0  # temperature of the softmax_kd variant only (PyCIL models/icarl.py, T = 2)
+    T: float = param(2.0, gt=0)  # temperature of the softmax_kd variant only (PyCIL models/icarl.py, T = 2)
 
 
 def bce_targets(y: torch.Tensor, n_seen: int, old_logits: torch.Tensor | None) -> torch.Tensor:
@@ -77,24 +77,14 @@ class ICaRL(Method):
     name = "icarl"
     paper = "Rebuffi, Kolesnikov, Sperl & Lampert, iCaRL: Incremental Classifier and Representation Learning, CVPR 2017"
     Hyper = ICaRLHyper
-    needs_memory = True
-
-    def __init__(self, hp, net, engine):
-        super().__init__(hp, net, engine)
-        self.teacher: torch.nn.Module | None = None
-
-    def before_task(self, task: Task) -> None:
-        # g^{t-1}: the network after the previous task. Its outputs are computed online, on the
-        # same augmented batch, which is equivalent to storing q_y(x) before training (Alg. 3).
-        # Rebuilt from the network on resume: no extra state.
-        self.teacher = frozen_copy(self.net) if task.index > 0 else None
+    memory_use = "required"
+    # g^{t-1}, the network after the previous task; its outputs on the same augmented batch are
+    # equivalent to storing q_y(x) before training (Alg. 3)
+    distills = True
 
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor | None:
         """The teacher's logits over the old classes only (None on the first task)."""
-        if self.teacher is None:
-            return None
-        with torch.no_grad():
-            return self.teacher(x)["logits"][:, : self.n_old].float()
+        return None if self.teacher is None else self.teacher.old_logits(x, self.n_old).float()
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = self.net(x)["logits"].float()

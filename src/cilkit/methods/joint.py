@@ -33,4 +33,4 @@ class Joint(Method):
                     module.reset_parameters()
 
     def train_indices(self, task: Task) -> torch.Tensor:
-        return self.engine.train_data.indices_of(range(task.stop))
+        return self.ctx.train_data.indices_of(range(task.stop))

@@ -39,66 +39,46 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from cilkit.data.scenario import Task
-from cilkit.engine.optim import Stage
-from cilkit.losses import kd_loss
-from cilkit.methods.base import Method, frozen_copy
+from cilkit.losses import kd_loss, masked_ce
+from cilkit.methods.base import Method
+from cilkit.schema import param
 
 
 @dataclass
 class LwFHyper:
-    lambda_kd: float = 1.0  # Li & Hoiem 2016, Sec. 3: lambda_o = 1; PyCIL models/lwf.py uses lamda = 3
-    T: float = 2.0  # Li & Hoiem 2016, Sec. 3: T = 2 (after Hinton et al.); PyCIL T = 2
+    lambda_kd: float = param(1.0, ge=0)  # Li & Hoiem 2016, Sec. 3: lambda_o = 1; PyCIL models/lwf.py uses lamda = 3
+    T: float = param(2.0, gt=0)  # Li & Hoiem 2016, Sec. 3: T = 2 (after Hinton et al.); PyCIL T = 2
     t2: bool = False  # no T^2 factor in Li & Hoiem's L_old nor in PyCIL's _KD_loss; Hinton et al. use one
     ce_mask: Literal["new", "all"] = "new"  # L_new over the new head only (Li & Hoiem; PyCIL); "all": every seen class
-    warmup_epochs: int = 0  # Li & Hoiem's warm-up of the new rows; length unspecified, PyCIL skips it [assumption]
+    warmup_epochs: int = param(0, ge=0)  # Li & Hoiem's warm-up of the new rows; length unspecified, PyCIL skips it [assumption]
 
 
 class LwF(Method):
     name = "lwf"
     paper = "Li & Hoiem, Learning without Forgetting, ECCV 2016"
     Hyper = LwFHyper
-
-    def __init__(self, hp, net, engine):
-        super().__init__(hp, net, engine)
-        self.teacher: torch.nn.Module | None = None
+    distills = True  # g^{t-1}: the network after the previous task
 
     def before_task(self, task: Task) -> None:
-        # The network as it was after the previous task (grow has only appended the new rows, whose
-        # teacher logits are never used). Rebuilt from the network on resume: no extra state.
-        self.teacher = frozen_copy(self.net) if task.index > 0 else None
         if self.teacher is not None and self.hp.warmup_epochs > 0:
-            self._warm_up(task)
+            self.warm_up(task)
 
-    def _warm_up(self, task: Task) -> None:
+    def warm_up(self, task: Task) -> None:
         """Train only the new rows with L_new; backbone (BatchNorm included) and old rows frozen."""
-        stage = Stage.for_task(self.engine.cfg.train, task.index).with_(epochs=self.hp.warmup_epochs)
+        stage = self.stage(task).replace(epochs=self.hp.warmup_epochs)
         new_rows = list(self.net.head.blocks[-1].parameters())
-        self._backbone_frozen = True
-        try:
-            self.engine.fit(
-                [{"params": new_rows}],
-                self.train_indices(task),
-                stage,
-                lambda x, y: self.new_loss(self.net(x)["logits"], y),
-                desc="LwF warm-up",
-            )
-        finally:
-            self._backbone_frozen = False
+        self.fit([{"params": new_rows}], self.train_indices(task), stage, lambda x, y: self.new_loss(self.net(x)["logits"], y),
+                 train_mode=self.frozen_backbone_mode, desc="LwF warm-up")
 
     def new_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """L_new: cross-entropy over the new classes' logits (or over all seen ones)."""
-        if self.hp.ce_mask == "new":
-            return F.cross_entropy(logits[:, self.n_old :], y - self.n_old)
-        return F.cross_entropy(logits, y)
+        return masked_ce(logits, y, self.n_old, self.hp.ce_mask)
 
     def old_loss(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """L_old: KD_T between the student's and the teacher's old-class logits on the same batch."""
-        with torch.no_grad():
-            old = self.teacher(x)["logits"][:, : self.n_old]
-        return kd_loss(logits[:, : self.n_old], old, self.hp.T, self.hp.t2)
+        return kd_loss(logits[:, : self.n_old], self.teacher.old_logits(x, self.n_old), self.hp.T, self.hp.t2)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = self.net(x)["logits"]

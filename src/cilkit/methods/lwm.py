@@ -54,17 +54,17 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from cilkit.data.scenario import Task
 from cilkit.errors import ConfigError
-from cilkit.losses import kd_loss
-from cilkit.methods.base import Method, frozen_copy
+from cilkit.losses import kd_loss, masked_ce
+from cilkit.methods.base import Method
+from cilkit.schema import param
 
 
 @dataclass
 class LwMHyper:
-    beta: float = 1.0  # weight of L_D; Dhar et al. Eq. 3 gives no value (FACIL's note too) [assumption]
-    gamma: float = 0.3  # weight of L_AD; no value in the paper [assumption, chosen on digits, see docstring]
-    T: float = 2.0  # L_D is LwF's distillation (Li & Hoiem 2016: T = 2); FACIL's LwM uses T = 2 (power 1/2)
+    beta: float = param(1.0, ge=0)  # weight of L_D; Dhar et al. Eq. 3 gives no value (FACIL's note too) [assumption]
+    gamma: float = param(0.3, ge=0)  # weight of L_AD; no value in the paper [assumption, chosen on digits, see docstring]
+    T: float = param(2.0, gt=0)  # L_D is LwF's distillation (Li & Hoiem 2016: T = 2); FACIL's LwM uses T = 2 (power 1/2)
     t2: bool = False  # no T^2 factor in LwF's L_old nor in FACIL's LwM
     distill: Literal["kd", "bce"] = "kd"  # "kd": LwF's softened CE (paper); "bce": Douillard's sigmoid BCE
     ce_mask: Literal["new", "all"] = "new"  # L_C on the new classes (paper; FACIL, Douillard); "all": every seen class
@@ -100,17 +100,15 @@ class LwM(Method):
     name = "lwm"
     paper = "Dhar et al., Learning without Memorizing, CVPR 2019"
     Hyper = LwMHyper
-    needs_memory = False
-    accepts_memory = False  # exemplar-free by design
+    memory_use = "none"  # exemplar-free by design
+    distills = True  # M_{t-1}, the network after the previous task
 
     @classmethod
-    def check_config(cls, cfg) -> None:
-        if cfg.model.backbone == "mlp":  # no convolutional map for Grad-CAM
-            raise ConfigError(
-                "model.backbone",
-                "'mlp' has no convolutional feature maps; LwM's attention distillation (Grad-CAM on the last "
-                "conv stage) needs a convolutional backbone: convnet, resnet32, resnet18 or resnet18_cifar",
-            )
+    def needs_maps(cls, hp) -> bool:
+        return True  # Grad-CAM on the last convolutional map
+
+    @classmethod
+    def check_config(cls, cfg, hp) -> None:
         if cfg.train.compile:
             # A compiled backbone returns its map and its pooled features as sibling outputs of one
             # autograd node, so d z_b / d A cannot be taken through it.
@@ -120,22 +118,11 @@ class LwM(Method):
                 "which a compiled backbone does not expose: set train.compile to false",
             )
 
-    def __init__(self, hp, net, engine):
-        super().__init__(hp, net, engine)
-        self.teacher: torch.nn.Module | None = None
-
-    def before_task(self, task: Task) -> None:
-        # The network after the previous task (grow has only appended the new rows, never read from
-        # the teacher). Rebuilt from the network on resume: no extra state.
-        self.teacher = frozen_copy(self.net) if task.index > 0 else None
-
     # -- the losses ---------------------------------------------------------------------------------
 
     def class_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """L_C: cross-entropy over the new classes' logits (or over all seen ones)."""
-        if self.hp.ce_mask == "new":
-            return F.cross_entropy(logits[:, self.n_old :], y - self.n_old)
-        return F.cross_entropy(logits, y)
+        return masked_ce(logits, y, self.n_old, self.hp.ce_mask)
 
     def distill_loss(self, student_old: torch.Tensor, teacher_old: torch.Tensor) -> torch.Tensor:
         """L_D on the old classes' logits."""
@@ -156,10 +143,11 @@ class LwM(Method):
             captured.append(output.detach().requires_grad_(True))
             return captured[-1]
 
-        handle = self.teacher.backbone.stages[-1].register_forward_hook(make_leaf)
+        teacher = self.teacher.module
+        handle = teacher.backbone.stages[-1].register_forward_hook(make_leaf)
         try:
             with torch.enable_grad():
-                old = self.teacher(x)["logits"][:, : self.n_old]
+                old = teacher(x)["logits"][:, : self.n_old]
         finally:
             handle.remove()
         return old, captured[-1]

@@ -40,50 +40,69 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 
 from cilkit.data.scenario import Task
-from cilkit.engine.optim import Stage
-from cilkit.methods._podnet_parts import LocalSimilarityClassifier, kmeans_proxies, nca_loss, pod_flat, pod_spatial
-from cilkit.methods.base import Method, frozen_copy
+from cilkit.losses.pod import nca_loss, pod_flat, pod_spatial
+from cilkit.methods.base import Method
+from cilkit.models.heads import LocalSimilarityClassifier, mean_row_norm
+from cilkit.schema import param
 
 
 @dataclass
 class PODNetHyper:
-    proxies: int = 10  # K proxies per class (paper Sec. 4; official CIFAR YAML proxy_per_class: 10)
+    proxies: int = param(10, ge=1)  # K proxies per class (paper Sec. 4; official CIFAR YAML proxy_per_class: 10)
     margin: float = 0.6  # NCA margin delta (official YAML nca.margin: 0.6)
-    eta_init: float = 1.0  # initial learned scale eta (official YAML learned_scaling initial_value: 1.0)
+    eta_init: float = param(1.0, gt=0)  # initial learned scale eta (official YAML learned_scaling initial_value: 1.0)
     learn_eta: bool = True  # eta is learned (paper Sec. 3.2; official postprocessor learned_scaling)
     nca_hinge: bool = True  # [recalled] the paper's LSC loss is hinged, [.]_+ (not in methods-spec 9); code: off
     eta_margin_grad: bool = False  # [assumption] eta gets no gradient through eta*delta (else eta collapses)
     nca_compat: bool = False  # True: official losses.nca (margin subtracted everywhere = no-op; positive slot zeroed)
     similarity: Literal["cosine", "neg_sq_distance"] = "cosine"  # paper: cosine; code: -||h-theta||^2 = 2cos-2
-    lambda_spatial: float = 3.0  # lambda_c (official CIFAR YAML pod_spatial 3; PyCIL 5; ImageNet 8)
-    lambda_flat: float = 1.0  # lambda_f (official CIFAR YAML pod_flat 1; ImageNet 10)
+    lambda_spatial: float = param(3.0, ge=0)  # lambda_c (official CIFAR YAML pod_spatial 3; PyCIL 5; ImageNet 8)
+    lambda_flat: float = param(1.0, ge=0)  # lambda_f (official CIFAR YAML pod_flat 1; ImageNet 10)
     flat_loss: Literal["l2", "cosine"] = "l2"  # paper: L2 distance; official code: 1 - cos
-    finetune_epochs: int = 20  # balanced finetuning (official CIFAR YAML finetuning_config.epochs)
-    finetune_lr: float = 0.05  # constant lr (official CIFAR YAML; ImageNet 0.01; PyCIL 0.005)
-    grad_clamp: float | None = None  # official code clamps every gradient to [-5, 5]; the paper says nothing
+    finetune_epochs: int = param(20, ge=0)  # balanced finetuning (official CIFAR YAML finetuning_config.epochs)
+    finetune_lr: float = param(0.05, gt=0)  # constant lr (official CIFAR YAML; ImageNet 0.01; PyCIL 0.005)
+    grad_clamp: float | None = param(None, gt=0)  # official code clamps every gradient to [-5, 5]; the paper says nothing
+
+
+def kmeans_proxies(features: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+    """``k`` unit-norm proxies of one class: the k-means centroids of its L2-normalised features.
+
+    scikit-learn's KMeans with a fixed ``random_state``, on one thread (its OpenMP pool is far
+    slower on a busy machine for a few hundred points); with fewer than ``k`` samples the centroids
+    (the samples themselves) are repeated. Returned on ``features``' device, float32.
+    """
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
+
+    x = F.normalize(features.float(), dim=1)
+    n = min(k, len(x))
+    with threadpool_limits(1):
+        km = KMeans(n_clusters=n, n_init=10, random_state=seed).fit(x.cpu().double().numpy())
+    centers = torch.from_numpy(km.cluster_centers_).float()
+    centers = centers.repeat((k + n - 1) // n, 1)[:k]
+    return F.normalize(centers, dim=1).to(features.device)
 
 
 class PODNet(Method):
     name = "podnet"
     paper = "Douillard et al., PODNet: Pooled Outputs Distillation for Small-Tasks Incremental Learning, ECCV 2020"
     Hyper = PODNetHyper
-    needs_memory = True
+    memory_use = "required"
+    distills = True  # the previous model: its stage maps a_l and embedding h*
     backbone_options: ClassVar[dict] = {"last_relu": False}  # signed, pre-ReLU embedding (official convnet_config)
 
-    def __init__(self, hp, net, engine):
-        super().__init__(hp, net, engine)
+    def __init__(self, hp, net, ctx):
+        super().__init__(hp, net, ctx)
         net.head = LocalSimilarityClassifier(net.feature_dim, hp.proxies, hp.eta_init, hp.similarity, hp.learn_eta)
-        self.teacher: torch.nn.Module | None = None
         self._clamped: set[int] = set()
 
     # -- per task -----------------------------------------------------------------------------
 
     def before_task(self, task: Task) -> None:
-        self.teacher = None
         if task.index > 0:
-            self.teacher = frozen_copy(self.net)
             self.imprint(task)
         if self.hp.grad_clamp is not None:
             self._clamp_gradients(self.hp.grad_clamp)
@@ -93,9 +112,8 @@ class PODNet(Method):
         """New proxies: per new class, K k-means centroids of its normalised features (current model),
         normalised and scaled by the mean norm of the existing proxies."""
         head = self.net.head
-        old_norm = torch.cat(list(head.blocks[:-1])).norm(dim=1).mean()
-        seed = self.engine.cfg.seed
-        new = [kmeans_proxies(self.class_features(c), head.proxies, seed) for c in task.classes]
+        old_norm = mean_row_norm(torch.cat(list(head.blocks[:-1])))
+        new = [kmeans_proxies(self.class_features(c), head.proxies, self.ctx.seed) for c in task.classes]
         block = head.blocks[-1]
         block.copy_((torch.cat(new) * old_norm).to(block.dtype))
 
@@ -113,8 +131,7 @@ class PODNet(Method):
         loss = self.classification_loss(out["logits"], y)
         if self.teacher is None:
             return loss
-        with torch.no_grad():
-            old = self.teacher.backbone(x)
+        old = self.teacher.backbone(x)
         s = math.sqrt(self.task.stop / self.task.n_classes)
         spatial = pod_spatial(old["maps"], out["maps"])
         flat = pod_flat(old["features"], out["features"], self.hp.flat_loss)
@@ -132,10 +149,10 @@ class PODNet(Method):
         The official code rebuilds the memory again afterwards; with the backbone and its BatchNorm
         statistics untouched by the finetuning, that selection would be the same one.
         """
-        self.engine.update_memory(task)
+        self.update_memory(task)
         if task.index == 0 or self.hp.finetune_epochs <= 0:
             return
-        stage = Stage.for_task(self.engine.cfg.train, task.index).with_(
+        stage = self.stage(task).replace(
             epochs=self.hp.finetune_epochs, lr=self.hp.finetune_lr, schedule="constant"
         )
         # official ``tuning: classifier``: all proxies (old ones included); eta stays as trained

@@ -18,4 +18,4 @@ from cilkit.methods.base import Method
 class Replay(Method):
     name = "replay"
     paper = "Experience replay with a herding memory (PyCIL's Replay; Rebuffi et al., CVPR 2017 for herding)"
-    needs_memory = True
+    memory_use = "required"

@@ -62,42 +62,75 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cilkit.data.augment import random_resized_crop_flip
 from cilkit.data.scenario import Task
-from cilkit.errors import ConfigError
-from cilkit.methods._spb_parts import (
-    N_ROTATIONS,
-    RotationHead,
-    embedding_distillation,
-    ensemble_probabilities,
-    info_nce,
-    projection_head,
-    prototypes,
-    reciprocal_weights,
-    rotations,
-    second_view,
-)
-from cilkit.methods.base import Method, frozen_copy
-from cilkit.models.heads import CosineLinear
+from cilkit.losses import embedding_distillation, masked_ce
+from cilkit.losses.contrastive import info_nce
+from cilkit.memory.nme import class_mean
+from cilkit.methods.base import Method
+from cilkit.models.heads import CosineLinear, RotationHead, projection_head
+from cilkit.schema import param
 
 log = logging.getLogger("cilkit")
+
+N_ROTATIONS = 4  # 0, 90, 180, 270 degrees (gamma = 4)
+
+
+def reciprocal_weights(n_old: int, n_new: int, clip: float | None = None) -> tuple[float, float]:
+    """(w_ce, w_em) = (N_new / N_old, N_old / N_new); (1, 0) on the first task (no old classes).
+
+    ``clip`` = c keeps both weights in [1/c, c] (methods-spec 14.6: the ratios blow up with a small
+    base task or with many old classes). The two stay reciprocal when both are clamped.
+    """
+    if n_old == 0:
+        return 1.0, 0.0
+    w_ce, w_em = n_new / n_old, n_old / n_new
+    if clip is not None:
+        w_ce = min(max(w_ce, 1.0 / clip), clip)
+        w_em = min(max(w_em, 1.0 / clip), clip)
+    return w_ce, w_em
+
+
+def rotations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch under 0/90/180/270 degrees, stacked in that order, and its rotation labels 0..3.
+
+    Rotation k is ``torch.rot90(x, k, dims=(2, 3))``; the labels are ``[0]*B + [1]*B + [2]*B + [3]*B``.
+    """
+    b = x.shape[0]
+    stacked = torch.cat([torch.rot90(x, k, dims=(2, 3)) for k in range(N_ROTATIONS)])
+    labels = torch.arange(N_ROTATIONS, device=x.device).repeat_interleave(b)
+    return stacked, labels
+
+
+def second_view(x: torch.Tensor, scale: tuple[float, float] = (0.25, 1.0)) -> torch.Tensor:
+    """Another view of an already augmented, normalised batch: a random resized crop + flip, per sample.
+
+    Tensor ops only (``affine_grid``/``grid_sample``, reflection padding) at the batch's own size.
+    """
+    return random_resized_crop_flip(x.float(), x.shape[-1], scale=scale, flip=True)
+
+
+def ensemble_probabilities(logits: list[torch.Tensor]) -> torch.Tensor:
+    """SPB-M's inference: the mean of the softmax outputs of the perspective classifiers."""
+    return torch.stack([F.softmax(z.float(), dim=1) for z in logits]).mean(0)
 
 
 @dataclass
 class SPBHyper:
-    scale_init: float = 16.0  # s of the cosine classifier: learnable, init 16 [assumption, spec 14.1]
+    scale_init: float = param(16.0, gt=0)  # s of the cosine classifier: learnable, init 16 [assumption, spec 14.1]
     learn_scale: bool = True  # s is learned as in UCIR [assumption, spec 14.1]; False keeps it at scale_init
     prototype_init: bool = True  # new rows = normalised class means (paper, per the secondary summary)
     adaptive_weights: bool = True  # reciprocal weights N_n/N_o and N_o/N_n (paper abstract); False: both 1
-    clip_weights: float | None = None  # c: clamp both weights to [1/c, c] (spec 14.6 pitfall; not in the paper)
-    ce_classes: Literal["new", "all"] = "new"  # L_ce's softmax at t > 1 [assumption, see the module docstring]
+    clip_weights: float | None = param(None, ge=1)  # c: clamp both weights to [1/c, c] (spec 14.6 pitfall; not in the paper)
+    ce_mask: Literal["new", "all"] = "new"  # L_ce's softmax at t > 1 [assumption, see the module docstring]
 
 
 @dataclass
 class SPBIHyper(SPBHyper):
     ssl: Literal["rotation", "instance"] = "rotation"  # the two SSL tasks of the paper; rotation is the default variant
     mu: float = 1.0  # weight of L_ss, not retrieved [assumption, spec 14.2]
-    tau: float = 0.5  # InfoNCE temperature (ssl: instance) [assumption: SimCLR's CIFAR value]
-    proj_dim: int = 128  # output size of the projection delta (ssl: instance) [assumption: SimCLR]
+    tau: float = param(0.5, gt=0)  # InfoNCE temperature (ssl: instance) [assumption: SimCLR's CIFAR value]
+    proj_dim: int = param(128, ge=1)  # output size of the projection delta (ssl: instance) [assumption: SimCLR]
 
 
 @dataclass
@@ -110,15 +143,12 @@ class SPB(Method):
     name = "spb"
     paper = "Wu, Gong, Li, Striking a Balance between Stability and Plasticity for Class-Incremental Learning, ICCV 2021"
     Hyper = SPBHyper
-    needs_memory = False
-    accepts_memory = False  # exemplar-free by design (spec 14.6)
+    memory_use = "none"  # exemplar-free by design
+    distills = True  # L_em needs the previous extractor only
 
-    def __init__(self, hp, net, engine):
-        super().__init__(hp, net, engine)
-        if hp.clip_weights is not None and hp.clip_weights < 1:
-            raise ConfigError("method_args.clip_weights", f"must be >= 1 (weights clamped to [1/c, c]), got {hp.clip_weights}")
+    def __init__(self, hp, net, ctx):
+        super().__init__(hp, net, ctx)
         net.head = self.cosine_head()
-        self.teacher: nn.Module | None = None
         self.w_ce, self.w_em = 1.0, 0.0
 
     def cosine_head(self) -> CosineLinear:
@@ -131,7 +161,6 @@ class SPB(Method):
     # -- before each task: teacher, weights, prototypes ----------------------------------------------
 
     def before_task(self, task: Task) -> None:
-        self.teacher = None
         n_old, n_new = task.start, task.n_classes
         if self.hp.adaptive_weights:
             self.w_ce, self.w_em = reciprocal_weights(n_old, n_new, self.hp.clip_weights)
@@ -139,43 +168,28 @@ class SPB(Method):
             self.w_ce, self.w_em = 1.0, (1.0 if n_old else 0.0)
         weights = f"w_ce = {self.w_ce:.4g}, w_em = {self.w_em:.4g}"
         log.info("%s task %d: %d old, %d new classes: %s", self.name, task.index + 1, n_old, n_new, weights)
-        if task.index == 0:
-            return
-        # L_em needs only the previous extractor; the new rows appended by grow are not part of it.
-        self.teacher = frozen_copy(self.net.backbone)
-        if self.hp.prototype_init:
+        if task.index > 0 and self.hp.prototype_init:
             self.init_prototypes(task)
 
     @torch.no_grad()
     def init_prototypes(self, task: Task) -> None:
         """Each classifier's new rows: normalised means of the normalised features of its rotation."""
         for k, head in enumerate(self.classifiers()):
-            rows = prototypes([self.perspective_features(c, k) for c in task.classes])
+            rows = torch.stack([class_mean(self.perspective_features(c, k)) for c in task.classes])
             head.blocks[-1].copy_(rows.to(head.blocks[-1]))
 
     def perspective_features(self, c: int, k: int) -> torch.Tensor:
         """Features of class ``c``'s training images rotated by k * 90 degrees (eval, test transforms)."""
-        return self.class_features(c) if k == 0 else self.rotated_features(c, k)
-
-    @torch.no_grad()
-    def rotated_features(self, c: int, k: int) -> torch.Tensor:
-        eng = self.engine
-        self.net.eval()
-        out = []
-        for x, _ in eng.train_data.iter_batches(eng.train_data.indices_of([c]), eng.cfg.eval.batch_size):
-            x = torch.rot90(eng.augment.test(x), k, dims=(2, 3))
-            x = x.contiguous(memory_format=torch.channels_last) if eng.channels_last else x.contiguous()
-            with eng.autocast():
-                out.append(self.net.backbone(x)["features"].float())
-        return torch.cat(out)
+        if k == 0:
+            return self.class_features(c)
+        idx = self.ctx.train_data.indices_of([c])
+        return self.features(idx, transform=lambda x: torch.rot90(x, k, dims=(2, 3)), forward=self.net.backbone)
 
     # -- losses ---------------------------------------------------------------------------------------
 
     def distill(self, f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """L_em between the student's features ``f`` of ``x`` and the teacher's on the same batch."""
-        with torch.no_grad():
-            f_old = self.teacher(x)["features"]
-        return embedding_distillation(f, f_old)
+        return embedding_distillation(f, self.teacher.backbone(x)["features"])
 
     def balance(self, l_ce: torch.Tensor, f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """w_ce * L_ce + w_em * L_em (just L_ce on the first task)."""
@@ -184,17 +198,12 @@ class SPB(Method):
         return self.w_ce * l_ce + self.w_em * self.distill(f, x)
 
     def ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """L_ce: over the new classes (ce_classes: new) or every seen class (all); all seen on task 1."""
-        if self.hp.ce_classes == "new":
-            return F.cross_entropy(logits[:, self.n_old :].float(), y - self.n_old)
-        return F.cross_entropy(logits.float(), y)
+        """L_ce: over the new classes (ce_mask: new) or every seen class (all); all seen on task 1."""
+        return masked_ce(logits, y, self.n_old, self.hp.ce_mask)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         f = self.net.backbone(x)["features"]
         return self.balance(self.ce(self.net.head(f), y), f, x)
-
-    def after_task(self, task: Task) -> None:
-        self.teacher = None
 
 
 class SPBI(SPB):
@@ -203,16 +212,11 @@ class SPBI(SPB):
     Hyper = SPBIHyper
 
     @classmethod
-    def check_config(cls, cfg) -> None:
-        if cfg.model.backbone == "mlp" and cls.parse_args(cfg.method_args).ssl == "rotation":
-            raise ConfigError(
-                "model.backbone",
-                "spb-i with ssl: rotation needs a convolutional backbone (its "
-                "auxiliary head reads the pre-pooling feature map); the mlp has none",
-            )
+    def needs_maps(cls, hp) -> bool:
+        return hp.ssl == "rotation"  # the rotation head reads the pre-pooling map
 
-    def __init__(self, hp, net, engine):
-        super().__init__(hp, net, engine)
+    def __init__(self, hp, net, ctx):
+        super().__init__(hp, net, ctx)
         if hp.ssl == "rotation":
             # The pre-pooling map has feature_dim channels: the features are its global average.
             net.ssl_head = RotationHead(net.feature_dim, hp.scale_init, hp.learn_scale)
@@ -238,8 +242,8 @@ class SPBM(SPB):
     paper = SPB.paper + " (SPB-M: multi-perspective knowledge)"
     Hyper = SPBMHyper
 
-    def __init__(self, hp, net, engine):
-        super().__init__(hp, net, engine)
+    def __init__(self, hp, net, ctx):
+        super().__init__(hp, net, ctx)
         # The 90/180/270-degree classifiers live on the network: in its state_dict and parameters.
         net.rot_heads = nn.ModuleList(self.cosine_head() for _ in range(N_ROTATIONS - 1))
 

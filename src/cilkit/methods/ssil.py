@@ -48,7 +48,6 @@ dropped from each of the largest classes until exactly K remain (ties: the lates
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -56,15 +55,15 @@ import torch
 import torch.nn.functional as F
 
 from cilkit.data.scenario import Task
-from cilkit.engine.optim import Stage
-from cilkit.errors import ConfigError
-from cilkit.methods.base import Method, frozen_copy
+from cilkit.methods.base import Method
+from cilkit.schema import param
+from cilkit.training.stage import Stage
 
 
 @dataclass
 class SSILHyper:
-    T: float = 2.0  # TKD temperature: official trainer/ssil.py, T = 2 (with the T^2 factor)
-    replay_batch_size: int = 32  # exemplars per batch: official README/arguments.py --replay-batch-size 32
+    T: float = param(2.0, gt=0)  # TKD temperature: official trainer/ssil.py, T = 2 (with the T^2 factor)
+    replay_batch_size: int = param(32, ge=1)  # exemplars per batch: official README/arguments.py --replay-batch-size 32
     epoch: Literal["new_data", "zip"] = "new_data"  # epoch = a pass over the new data (paper); "zip": official code
     lr_decay_per_task: bool = True  # lr / (t + 1) for task index t (official main.py)
     distill: Literal["task", "global"] = "task"  # TKD (paper); "global": GKD, the paper's ablation
@@ -94,54 +93,23 @@ def task_wise_kd(student: torch.Tensor, teacher: torch.Tensor, slices: list[slic
     return loss
 
 
-def paper_memory(exemplars: dict, new_classes, class_indices, total: int | None, per_class: int | None) -> None:
-    """The official memory rule, in place on ``exemplars`` (class -> indices).
-
-    Quota ceil(K / n_seen) (or the fixed per-class number); new classes take their first samples,
-    old ones keep a prefix; then one sample is dropped from each of the ``len - K`` largest classes
-    (ties broken towards the latest class, like a stable argsort).
-    """
-    n_seen = len(exemplars) + len(new_classes)
-    quota = per_class if per_class is not None else math.ceil(total / n_seen)
-    for c in exemplars:
-        exemplars[c] = exemplars[c][:quota]
-    for c in new_classes:
-        exemplars[int(c)] = class_indices(c).cpu()[:quota]
-    if per_class is None:
-        excess = sum(len(v) for v in exemplars.values()) - total
-        if excess > 0:
-            largest = sorted(exemplars, key=lambda c: (len(exemplars[c]), c), reverse=True)[:excess]
-            for c in largest:
-                exemplars[c] = exemplars[c][:-1]
-
-
 class SSIL(Method):
     name = "ssil"
     paper = "Ahn, Kwak, Lim, Bang, Kim & Moon, SS-IL: Separated Softmax for Incremental Learning, ICCV 2021"
     Hyper = SSILHyper
-    needs_memory = True
-
-    def __init__(self, hp, net, engine):
-        super().__init__(hp, net, engine)
-        if hp.replay_batch_size < 1:
-            raise ConfigError("method_args.replay_batch_size", f"must be at least 1, got {hp.replay_batch_size}")
-        if hp.T <= 0:
-            raise ConfigError("method_args.T", f"must be positive, got {hp.T}")
-        self.teacher: torch.nn.Module | None = None
-
-    def before_task(self, task: Task) -> None:
-        # The model after the previous task; rebuilt from the network on resume (no extra state).
-        self.teacher = frozen_copy(self.net) if task.index > 0 else None
+    memory_use = "required"
+    distills = True  # z^{t-1}, the model after the previous task
 
     def stage(self, task: Task) -> Stage:
         stage = super().stage(task)
-        return stage.with_(lr=stage.lr / (task.index + 1)) if self.hp.lr_decay_per_task else stage
+        return stage.replace(lr=stage.lr / (task.index + 1)) if self.hp.lr_decay_per_task else stage
 
     # -- ratio-preserving mini-batches -------------------------------------------------------------
 
     def epoch_batches(self, indices: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
         """One epoch: every batch is ``batch_size`` new samples + ``replay_batch_size`` exemplars."""
-        old_mask = self.engine.train_data.labels[indices.to(self.engine.train_data.labels.device)] < self.n_old
+        labels = self.ctx.train_data.labels
+        old_mask = labels[indices.to(labels.device)] < self.n_old
         old_mask = old_mask.to(indices.device)
         new, old = indices[~old_mask], indices[old_mask]
         if len(old) == 0:  # first task (or an empty memory): plain batches of new data
@@ -169,7 +137,7 @@ class SSIL(Method):
             return chunks
         r = self.hp.replay_batch_size
         # official ExemplarLoader: length = size of the training set, item i = exemplar[i % |M|]
-        virtual = old[torch.randperm(len(self.engine.train_data), device=old.device) % len(old)]
+        virtual = old[torch.randperm(len(self.ctx.train_data), device=old.device) % len(old)]
         replay = [s for s in virtual.split(r) if len(s) == r]
         return [torch.cat([c, s]) for c, s in zip(chunks, replay)]
 
@@ -185,8 +153,7 @@ class SSIL(Method):
         z = self.net(x)["logits"]
         if self.teacher is None:
             return F.cross_entropy(z.float(), y)
-        with torch.no_grad():
-            z_old = self.teacher(x)["logits"][:, : self.n_old]
+        z_old = self.teacher.old_logits(x, self.n_old)
         return separated_ce(z, y, self.n_old) + task_wise_kd(z, z_old, self.old_slices(), self.hp.T)
 
     # -- memory ----------------------------------------------------------------------------------
@@ -194,6 +161,4 @@ class SSIL(Method):
     def after_task(self, task: Task) -> None:
         if self.hp.memory_rule == "cilkit":
             return super().after_task(task)
-        mem = self.memory
-        paper_memory(mem.exemplars, task.classes, lambda c: self.engine.train_data.indices_of([c]), mem.total, mem.per_class)
-        self.engine.class_means = self.engine.compute_class_means()
+        self.memory.update_ceil_trim(task.classes, lambda c: self.ctx.train_data.indices_of([c]))

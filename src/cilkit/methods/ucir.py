@@ -48,27 +48,28 @@ import torch
 import torch.nn.functional as F
 
 from cilkit.data.scenario import Task
-from cilkit.engine.optim import Stage
-from cilkit.methods.base import Method, frozen_copy
-from cilkit.models.heads import CosineLinear
+from cilkit.memory.nme import class_mean
+from cilkit.methods.base import Method
+from cilkit.models.heads import CosineLinear, mean_row_norm
+from cilkit.schema import param
 
 
 @dataclass
 class UCIRHyper:
     # Less-forget constraint (paper; section numbers not checked against the PDF).
-    lambda_base: float = 5.0  # 5 on CIFAR-100 (official run.sh --lamda 5); 10 on ImageNet (--lamda 10)
+    lambda_base: float = param(5.0, ge=0)  # 5 on CIFAR-100 (official run.sh --lamda 5); 10 on ImageNet (--lamda 10)
     adaptive_lambda: bool = True  # lambda = lambda_base * sqrt(|C_o|/|C_n|) (paper; --adapt_lamda)
     # Inter-class separation (paper's margin ranking loss).
-    K: int = 2  # hard new-class negatives per old-class sample (official --K 2)
+    K: int = param(2, ge=1)  # hard new-class negatives per old-class sample (official --K 2)
     margin: float = 0.5  # m (official --dist 0.5)
-    mr_weight: float = 1.0  # weight of L_mr (official --lw_mr 1)
+    mr_weight: float = param(1.0, ge=0)  # weight of L_mr (official --lw_mr 1)
     # Cosine normalisation (paper); imprinting of the new rows (official code, methods-spec 8.2).
     imprint: bool = True  # imprint the new rows (official --imprint_weights); False keeps a random init
-    sigma_init: float = 1.0  # initial learnable scale (official modified_linear fills sigma with 1)
+    sigma_init: float = param(1.0, gt=0)  # initial learnable scale (official modified_linear fills sigma with 1)
     # Class-balanced finetuning (paper's "CBF"; official cbf_class_incremental_cosine_*.py, methods-spec 8.5).
     cbf: bool = True  # part of the full method in the paper's results [recalled]
-    cbf_epochs: int = 20  # official --ft_epochs 20
-    cbf_lr: float = 0.01  # official --ft_base_lr 0.01 (PODNet's UCIR config: 0.05, constant)
+    cbf_epochs: int = param(20, ge=0)  # official --ft_epochs 20
+    cbf_lr: float = param(0.01, gt=0)  # official --ft_base_lr 0.01 (PODNet's UCIR config: 0.05, constant)
     cbf_milestones: list[int] = field(default_factory=lambda: [10])  # lr x0.1 at epoch 10 (--ft_lr_strat 10)
 
 
@@ -100,34 +101,31 @@ def margin_ranking_loss(cos: torch.Tensor, y: torch.Tensor, n_old: int, K: int, 
 
 def imprinted_weights(class_features: list[torch.Tensor], norm: torch.Tensor | float) -> torch.Tensor:
     """One row per class: ``norm`` * normalise(mean of the L2-normalised features of the class)."""
-    rows = [F.normalize(F.normalize(f.float(), dim=1).mean(0), dim=0) for f in class_features]
-    return torch.stack(rows) * norm
+    return torch.stack([class_mean(f) for f in class_features]) * norm
 
 
 class UCIR(Method):
     name = "ucir"
     paper = "Hou, Pan, Loy, Wang, Lin, Learning a Unified Classifier Incrementally via Rebalancing, CVPR 2019"
     Hyper = UCIRHyper
-    needs_memory = True
+    memory_use = "required"
+    distills = True  # f*, the model after the previous task
     backbone_options: ClassVar[dict] = {"last_relu": False}  # signed embedding: no ReLU after the last block
 
-    def __init__(self, hp, net, engine):
-        super().__init__(hp, net, engine)
+    def __init__(self, hp, net, ctx):
+        super().__init__(hp, net, ctx)
         net.head = CosineLinear(net.feature_dim, sigma=hp.sigma_init, learn_scale=True)
-        self.teacher: torch.nn.Module | None = None
         self.lam = 0.0
 
     def before_task(self, task: Task) -> None:
-        self.teacher = None
         if task.index == 0:
             return
-        self.teacher = frozen_copy(self.net)
         n_old, n_new = task.start, task.n_classes
         self.lam = adaptive_lambda(self.hp.lambda_base, n_old, n_new) if self.hp.adaptive_lambda else self.hp.lambda_base
         if self.hp.imprint:
             head = self.net.head
             with torch.no_grad():
-                old_norm = head.weight[:n_old].norm(dim=1).mean()
+                old_norm = mean_row_norm(head.weight[:n_old])
                 rows = imprinted_weights([self.class_features(c) for c in task.classes], old_norm)
                 head.blocks[task.index].copy_(rows.to(head.blocks[task.index]))
 
@@ -146,9 +144,7 @@ class UCIR(Method):
         loss = F.cross_entropy(self.net.head.sigma * cos, y)
         if self.teacher is None:
             return loss
-        with torch.no_grad():
-            f_old = self.teacher(x)["features"]
-        loss = loss + self.lam * less_forget_loss(f, f_old)
+        loss = loss + self.lam * less_forget_loss(f, self.teacher(x)["features"])
         return loss + self.hp.mr_weight * margin_ranking_loss(cos, y, self.n_old, self.hp.K, self.hp.margin)
 
     def cbf_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -160,10 +156,9 @@ class UCIR(Method):
         return loss + self.hp.mr_weight * margin_ranking_loss(cos, y, self.n_old, self.hp.K, self.hp.margin)
 
     def after_task(self, task: Task) -> None:
-        self.engine.update_memory(task)  # herding; new classes reduced to the quota before CBF
+        self.update_memory(task)  # herding; new classes reduced to the quota before CBF
         if task.index > 0 and self.hp.cbf:
-            stage = Stage.for_task(self.engine.cfg.train, task.index).with_(
+            stage = self.stage(task).replace(
                 epochs=self.hp.cbf_epochs, lr=self.hp.cbf_lr, schedule="multistep", milestones=list(self.hp.cbf_milestones)
             )
             self.balanced_finetune(list(self.net.head.blocks), stage, self.cbf_loss)
-        self.teacher = None

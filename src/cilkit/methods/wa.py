@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 from cilkit.data.scenario import Task
 from cilkit.losses import kd_loss
-from cilkit.methods.base import Method, frozen_copy
+from cilkit.methods.base import Method
+from cilkit.schema import param
 from cilkit.models.heads import IncrementalLinear, weight_align_gamma
 
 log = logging.getLogger("cilkit")
@@ -46,7 +47,7 @@ log = logging.getLogger("cilkit")
 
 @dataclass
 class WAHyper:
-    T: float = 2.0  # KD temperature T = 2 (methods-spec 7.3 [code]: PyCIL T = 2)
+    T: float = param(2.0, gt=0)  # KD temperature T = 2 (methods-spec 7.3 [code]: PyCIL T = 2)
     clip_weights: bool = True  # Zhao et al. 2020 (weight clipping): FC weights kept >= 0 [paper]; PyCIL does not clip
     fc_bias: bool = False  # Zhao et al. 2020: FC without bias (DER's config use_bias: False); True = PyCIL's FC
 
@@ -55,32 +56,22 @@ class WA(Method):
     name = "wa"
     paper = "Zhao et al., Maintaining Discrimination and Fairness in Class Incremental Learning, CVPR 2020"
     Hyper = WAHyper
-    needs_memory = True
+    memory_use = "required"
+    distills = True  # the previous task's model, already aligned in its after_task
 
-    def __init__(self, hp, net, engine):
-        super().__init__(hp, net, engine)
+    def __init__(self, hp, net, ctx):
+        super().__init__(hp, net, ctx)
         net.head = IncrementalLinear(net.feature_dim, bias=hp.fc_bias)
-        self.teacher: torch.nn.Module | None = None
         self.gammas: list[float] = []  # gamma of every aligned task, for the record
-
-    @property
-    def lam(self) -> float:
-        """lambda = n / (n + m): old classes over all seen classes."""
-        return self.n_old / self.task.stop
-
-    def before_task(self, task: Task) -> None:
-        # The previous task's model, already aligned in its after_task: align first, then copy.
-        self.teacher = frozen_copy(self.net) if task.index > 0 else None
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         z = self.net(x)["logits"]
         ce = F.cross_entropy(z, y)
         if self.teacher is None:
             return ce
-        with torch.no_grad():
-            z_hat = self.teacher(x)["logits"][:, : self.n_old]
-        kd = kd_loss(z[:, : self.n_old], z_hat, self.hp.T)
-        return (1.0 - self.lam) * ce + self.lam * kd
+        lam = self.task.old_fraction  # n / (n + m)
+        kd = kd_loss(z[:, : self.n_old], self.teacher.old_logits(x, self.n_old), self.hp.T)
+        return (1.0 - lam) * ce + lam * kd
 
     @torch.no_grad()
     def after_step(self) -> None:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cilkit.models.backbones import BasicBlock
+
 
 class IncrementalLinear(nn.Module):
     """A linear classifier whose rows come in per-task blocks; new blocks get nn.Linear's init."""
@@ -50,12 +52,14 @@ class CosineLinear(nn.Module):
 
     The rows come in per-task blocks (``blocks[t]``) so that old blocks can be frozen; ``sigma`` is
     one learnable scale shared by all classes (``learn_scale=False`` keeps it fixed).
-    ``cosine(f)`` gives the unscaled cosines (UCIR's margin-ranking loss works on them).
+    ``cosine(f)`` gives the unscaled cosines of every row (UCIR's margin-ranking loss works on them).
+    With ``proxies = K`` each class has K rows (class-major); subclasses merge them (PODNet's LSC).
     """
 
-    def __init__(self, in_dim: int, sigma: float = 1.0, learn_scale: bool = True):
+    def __init__(self, in_dim: int, sigma: float = 1.0, learn_scale: bool = True, proxies: int = 1):
         super().__init__()
         self.in_dim = in_dim
+        self.proxies = proxies
         self.blocks = nn.ParameterList()
         scale = torch.tensor(float(sigma))
         if learn_scale:
@@ -65,11 +69,11 @@ class CosineLinear(nn.Module):
 
     @property
     def n_classes(self) -> int:
-        return sum(b.shape[0] for b in self.blocks)
+        return sum(b.shape[0] for b in self.blocks) // self.proxies
 
     def add_classes(self, n: int) -> None:
         ref = self.sigma
-        w = torch.empty(n, self.in_dim, device=ref.device, dtype=ref.dtype)
+        w = torch.empty(n * self.proxies, self.in_dim, device=ref.device, dtype=ref.dtype)
         nn.init.normal_(w, 0.0, 1.0 / self.in_dim**0.5)  # the direction is all that matters
         self.blocks.append(nn.Parameter(w))
 
@@ -84,11 +88,64 @@ class CosineLinear(nn.Module):
         return self.sigma * self.cosine(features)
 
 
+class LocalSimilarityClassifier(CosineLinear):
+    """PODNet's cosine classifier with ``K`` proxies per class (Douillard et al., ECCV 2020, Sec. 3.2).
+
+        s_{c,k}(h) = < theta_{c,k} / ||theta_{c,k}||, h / ||h|| >
+        yhat_c(h)  = sum_k softmax_k(s_{c,.})_k * s_{c,k}
+
+    ``forward`` returns the merged similarities ``yhat`` (their argmax is the prediction); the scale
+    ``eta`` (the base class's learnable scale) is left to the NCA loss. ``similarity="neg_sq_distance"``
+    uses the official code's ``-||h_bar - theta_bar||^2 = 2 s - 2`` instead of the cosine.
+    """
+
+    def __init__(self, in_dim: int, proxies: int = 10, eta: float = 1.0, similarity: str = "cosine", learn_eta: bool = True):
+        super().__init__(in_dim, sigma=eta, learn_scale=learn_eta, proxies=proxies)
+        self.similarity = similarity
+
+    @property
+    def eta(self) -> torch.Tensor:
+        return self.sigma
+
+    def proxy_similarities(self, features: torch.Tensor) -> torch.Tensor:
+        """``s`` of shape (B, classes, K)."""
+        s = self.cosine(features)
+        if self.similarity == "neg_sq_distance":
+            s = -(2.0 - 2.0 * s).clamp_min(0.0)
+        return s.view(len(features), -1, self.proxies)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        s = self.proxy_similarities(features)
+        return (F.softmax(s, dim=2) * s).sum(2)
+
+
+def mean_row_norm(weight: torch.Tensor) -> torch.Tensor:
+    """The mean L2 norm of the rows of ``weight`` (computed in float32)."""
+    return weight.float().norm(dim=1).mean()
+
+
 @torch.no_grad()
 def weight_align_gamma(weight: torch.Tensor, n_old: int) -> float:
     """WA's factor (Zhao et al., CVPR 2020): mean norm of the old rows over that of the new rows.
 
     Multiplying the new rows (``weight[n_old:]``) by it makes both mean norms equal.
     """
-    norms = weight.float().norm(dim=1)
-    return (norms[:n_old].mean() / norms[n_old:].mean()).item()
+    return (mean_row_norm(weight[:n_old]) / mean_row_norm(weight[n_old:])).item()
+
+
+class RotationHead(nn.Module):
+    """SPB-I's auxiliary head on the pre-pooling map: 2 residual BasicBlocks, GAP, cosine classifier (4 outputs: 0/90/180/270 degrees)."""
+
+    def __init__(self, channels: int, sigma: float, learn_scale: bool):
+        super().__init__()
+        self.blocks = nn.Sequential(BasicBlock(channels, channels, 1, "B"), BasicBlock(channels, channels, 1, "B"))
+        self.classifier = CosineLinear(channels, sigma=sigma, learn_scale=learn_scale)
+        self.classifier.add_classes(4)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(self.blocks(maps), 1), 1))
+
+
+def projection_head(dim: int, out_dim: int) -> nn.Module:
+    """The 2-layer MLP projection delta of instance discrimination (SimCLR style)."""
+    return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, out_dim))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import torch
 from torch import nn
 
@@ -44,3 +47,23 @@ class IncrementalNet(nn.Module):
 
 def build_network(backbone: str, in_shape: tuple[int, int, int], **backbone_kwargs) -> IncrementalNet:
     return IncrementalNet(build_backbone(backbone, in_shape, **backbone_kwargs))
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy in eval mode with no gradients (the teacher of distillation methods)."""
+    teacher = copy.deepcopy(module).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """``module`` in eval mode for the block; every submodule's previous mode is restored after it."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training

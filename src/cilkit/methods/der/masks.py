@@ -1,92 +1,14 @@
-"""The pieces of DER (Yan, Xie, He, CVPR 2021): the multi-extractor backbone, the classifier that
-grows in both directions, the auxiliary targets, and the channel masks with their sparsity loss and
-pruning.
-
-Kept apart from :mod:`cilkit.methods.der` so that each piece can be tested on hand-made tensors; the
-method module says how they are combined.
+"""DER's channel masks (Yan, Xie, He, CVPR 2021, Sec. 3.2): m_l = sigmoid(s e_l) on the output channels
+of every conv/linear layer of the newest extractor, the annealing of s, the gradient compensation,
+the sparsity loss L_S and the pruning of the off channels. See docs/methods/der.md.
 """
 
 from __future__ import annotations
 
-import copy
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cilkit.models.backbones import MLP, ConvNet, ResNet
-from cilkit.models.heads import weight_align_gamma
-
-
-def aux_targets(y: torch.Tensor, n_old: int) -> torch.Tensor:
-    """Targets of the auxiliary head: 0 for every old class, 1..|C_t| for the new ones (y - n_old + 1)."""
-    return torch.where(y >= n_old, y - n_old + 1, torch.zeros_like(y))
-
-
-def count_params(module: nn.Module, trainable: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
-
-
-@torch.no_grad()
-def align_new_rows(weight: torch.Tensor, n_old: int) -> float:
-    """WA-style weight aligning (PyCIL's DER): rescale rows n_old: to the old rows' mean norm."""
-    gamma = weight_align_gamma(weight, n_old)
-    weight[n_old:] *= gamma
-    return gamma
-
-
-class ExpandingLinear(nn.Module):
-    """The classifier H_t over the super-feature: |C_{1:t}| rows x (t*d) columns.
-
-    ``in_dim`` is raised by the method before ``add_classes(n)``, which builds the larger matrix:
-    with ``reuse_old`` the old rows keep their weights on the old columns and get zeros on the new
-    ones (the old logits start unchanged); the new rows get nn.Linear's default initialisation.
-    Without ``reuse_old`` the whole matrix is new (the official code's ``reuse_oldfc: False``).
-    """
-
-    def __init__(self, in_dim: int, bias: bool = False, reuse_old: bool = True):
-        super().__init__()
-        self.in_dim = in_dim
-        self.reuse_old = reuse_old
-        self.weight = nn.Parameter(torch.empty(0, in_dim))
-        self.bias = nn.Parameter(torch.empty(0)) if bias else None
-
-    @property
-    def n_classes(self) -> int:
-        return self.weight.shape[0]
-
-    def _fresh(self, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        ref = self.weight
-        w = torch.empty(rows, self.in_dim, device=ref.device, dtype=ref.dtype)
-        nn.init.kaiming_uniform_(w, a=math.sqrt(5))  # nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in))
-        b = None
-        if self.bias is not None:
-            b = torch.empty(rows, device=ref.device, dtype=ref.dtype).uniform_(-1 / math.sqrt(self.in_dim), 1 / math.sqrt(self.in_dim))
-        return w, b
-
-    @torch.no_grad()
-    def add_classes(self, n: int) -> None:
-        n_old, old_in = self.weight.shape
-        w, b = self._fresh(n_old + n)
-        if self.reuse_old and n_old:
-            w[:n_old] = 0.0
-            w[:n_old, :old_in] = self.weight
-            if b is not None:
-                b[:n_old] = self.bias
-        self.weight = nn.Parameter(w)
-        if b is not None:
-            self.bias = nn.Parameter(b)
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        w, b = self._fresh(self.n_classes)
-        self.weight.copy_(w)
-        if b is not None:
-            self.bias.copy_(b)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return F.linear(features, self.weight, self.bias)
 
 
 def anneal_s(i: int, n_batches: int, s_max: float) -> float:
@@ -193,7 +115,10 @@ def _shape(w: nn.Module) -> tuple[int, int, int]:
 
 
 class MaskedExtractor(nn.Module):
-    """A feature extractor with a channel mask on the output of each of its conv/linear layers."""
+    """A feature extractor with a channel mask on the output of each of its conv/linear layers.
+
+    ``net`` is the plain extractor: a copy of it starts the next task's extractor.
+    """
 
     def __init__(self, net: nn.Module, init: float = 1.0, s_max: float = 400.0, compensate: bool = True):
         super().__init__()
@@ -232,7 +157,7 @@ class MaskedExtractor(nn.Module):
             removed += k * (c_in * c_out - a_in * a_out)
             per_channel = sum(p.numel() for name, p in out.named_parameters() if name != "weight" or out is not w) // c_out
             removed += per_channel * (c_out - a_out)
-        return count_params(self.net) - removed
+        return sum(p.numel() for p in self.net.parameters()) - removed
 
     @torch.no_grad()
     def prune(self) -> None:
@@ -244,41 +169,3 @@ class MaskedExtractor(nn.Module):
                 if p.dim() == 1:  # BN weight and bias, or the linear layer's bias
                     p[off] = 0.0
             mask.mode = PRUNED
-
-
-class ExpandableBackbone(nn.Module):
-    """Phi_t = [F_1; ...; F_t]: the super-feature is the concatenation of every extractor's features.
-
-    ``forward`` returns ``{"features": concat, "maps": the newest extractor's maps}``; ``out_dim``
-    is the sum of the extractors' dimensions (IncrementalNet.feature_dim reads it).
-    """
-
-    def __init__(self, first: nn.Module):
-        super().__init__()
-        self.extractors = nn.ModuleList([first])
-
-    @property
-    def out_dim(self) -> int:
-        return sum(e.out_dim for e in self.extractors)
-
-    @property
-    def dims(self) -> list[int]:
-        return [e.out_dim for e in self.extractors]
-
-    def expand(self) -> nn.Module:
-        """Append F_t initialised from F_{t-1} (its plain network, without masks or hooks)."""
-        last = self.extractors[-1]
-        new = copy.deepcopy(last.net if isinstance(last, MaskedExtractor) else last)
-        for m in new.modules():
-            m._forward_hooks.clear()
-        if getattr(new, "_compiled_call_impl", None) is not None:  # train.compile: compile the copy anew
-            new._compiled_call_impl = None
-            new.compile(dynamic=False)
-        for p in new.parameters():
-            p.requires_grad_(True)
-        self.extractors.append(new)
-        return new
-
-    def forward(self, x: torch.Tensor) -> dict:
-        outs = [e(x) for e in self.extractors]
-        return {"features": torch.cat([o["features"] for o in outs], 1), "maps": outs[-1]["maps"]}

@@ -1,13 +1,12 @@
-"""Optimizers and learning-rate schedules of a training stage."""
+"""A training stage (epochs, optimizer, schedule) and the optimizer and per-iteration schedule it builds."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
-
-from cilkit.config import TrainConfig
 
 
 @dataclass
@@ -29,23 +28,9 @@ class Stage:
     batch_size: int = 128
     augment: bool = True
 
-    @classmethod
-    def for_task(cls, train: TrainConfig, task: int) -> Stage:
-        """The stage of task ``task``; the ``first_*`` settings apply to task 0 when given."""
-        first = task == 0
-
-        def pick(name: str):
-            value = getattr(train, f"first_{name}") if first else None
-            return getattr(train, name) if value is None else value
-
-        return cls(
-            epochs=pick("epochs"), lr=pick("lr"), weight_decay=pick("weight_decay"), momentum=train.momentum,
-            optimizer=train.optimizer, schedule=train.schedule, milestones=list(pick("milestones")),
-            gamma=train.gamma, batch_size=train.batch_size,
-        )
-
-    def with_(self, **changes) -> Stage:
-        return replace(self, **changes)
+    def replace(self, **changes) -> Stage:
+        """A copy with ``changes`` (an extra stage is the task's stage with a few values changed)."""
+        return dataclasses.replace(self, **changes)
 
 
 def build_optimizer(groups: list[dict], stage: Stage) -> torch.optim.Optimizer:

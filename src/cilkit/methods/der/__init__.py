@@ -49,41 +49,53 @@ import torch.nn.functional as F
 from torch import nn
 
 from cilkit.data.scenario import Task
-from cilkit.engine.optim import Stage
-from cilkit.methods._der_parts import (
-    ExpandableBackbone,
-    ExpandingLinear,
-    MaskedExtractor,
-    align_new_rows,
-    anneal_s,
-    aux_targets,
-    count_params,
-)
 from cilkit.methods.base import Method
+from cilkit.methods.der.masks import MaskedExtractor, anneal_s
+from cilkit.models.expandable import ExpandableBackbone, ExpandingLinear
+from cilkit.models.heads import weight_align_gamma
+from cilkit.schema import param
+from cilkit.training.stage import Stage
 
 log = logging.getLogger("cilkit")
+
+
+def aux_targets(y: torch.Tensor, n_old: int) -> torch.Tensor:
+    """Targets of the auxiliary head: 0 for every old class, 1..|C_t| for the new ones (y - n_old + 1)."""
+    return torch.where(y >= n_old, y - n_old + 1, torch.zeros_like(y))
+
+
+def count_params(module: nn.Module, trainable: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
+
+
+@torch.no_grad()
+def align_new_rows(weight: torch.Tensor, n_old: int) -> float:
+    """WA-style weight aligning (PyCIL's DER): rescale rows n_old: to the old rows' mean norm."""
+    gamma = weight_align_gamma(weight, n_old)
+    weight[n_old:] *= gamma
+    return gamma
 
 
 @dataclass
 class DERHyper:
     # Representation learning stage (paper Sec. 3.2).
-    aux_weight: float = 1.0  # lambda_a (official code: loss_ce + loss_aux, use_aux_cls True [code])
+    aux_weight: float = param(1.0, ge=0)  # lambda_a (official code: loss_ce + loss_aux, use_aux_cls True [code])
     fc_bias: bool = False  # official config use_bias: False; PyCIL's DER has a bias
     reuse_old_fc: bool = True  # paper: old weights copied into H_t; official reuse_oldfc: False (new H_t)
-    warmup_epochs: int = 0  # the paper has none; official: 10 (CIFAR), 20 (ImageNet), then H_t, H_t^a reset
+    warmup_epochs: int = param(0, ge=0)  # the paper has none; official: 10 (CIFAR), 20 (ImageNet), then H_t, H_t^a reset
     warmup_first_task: bool = True  # official B0 warms up at step 1 too; B50's first step ("pretrain") does not
     # Classifier learning stage (paper Sec. 3.3; official "decouple" block).
     classifier_stage: Literal["relearn", "weight_align", "none"] = "relearn"  # weight_align: PyCIL's DER
     relearn_data: Literal["subset", "memory"] = "subset"  # subset: official balanced subset of D_t U M
-    relearn_epochs: int = 30  # official decouple.epochs 30
-    relearn_lr: float = 0.1  # official decouple.lr 0.1
+    relearn_epochs: int = param(30, ge=0)  # official decouple.epochs 30
+    relearn_lr: float = param(0.1, gt=0)  # official decouple.lr 0.1
     relearn_milestones: list[int] = field(default_factory=lambda: [15])  # /10 at 15 (official)
-    relearn_weight_decay: float = 5e-4  # official decouple.weight_decay
-    relearn_T: float = 5.0  # official decouple.temperature 5 (CIFAR; ImageNet configs: 1)
+    relearn_weight_decay: float = param(5e-4, ge=0)  # official decouple.weight_decay
+    relearn_T: float = param(5.0, gt=0)  # official decouple.temperature 5 (CIFAR; ImageNet configs: 1)
     # Channel masks and pruning (paper Sec. 3.2, "DER" vs "DER w/o P"); not in the official code.
     mask: bool = False  # off: "DER w/o P", the released code and its curves
-    sparsity_weight: float = 1.0  # lambda_s [assumption: not given by the sources at hand]
-    s_max: float = 400.0  # [assumption: HAT's s_max; the DER value is not at hand]
+    sparsity_weight: float = param(1.0, ge=0)  # lambda_s [assumption: not given by the sources at hand]
+    s_max: float = param(400.0, gt=0)  # [assumption: HAT's s_max; the DER value is not at hand]
     mask_init: float = 1.0  # e_l at the start of a step, every channel on [assumption]
     mask_compensation: bool = True  # the paper's gradient compensation of e_l
 
@@ -92,14 +104,13 @@ class DER(Method):
     name = "der"
     paper = "Yan, Xie, He, DER: Dynamically Expandable Representation for Class Incremental Learning, CVPR 2021"
     Hyper = DERHyper
-    needs_memory = True
+    memory_use = "required"
 
-    def __init__(self, hp, net, engine):
-        super().__init__(hp, net, engine)
+    def __init__(self, hp, net, ctx):
+        super().__init__(hp, net, ctx)
         net.backbone = ExpandableBackbone(net.backbone)
         net.head = ExpandingLinear(net.feature_dim, bias=hp.fc_bias, reuse_old=hp.reuse_old_fc)
         self.param_counts: list[dict] = []
-        self._batch, self._n_batches = 0, 1
 
     # -- structure ---------------------------------------------------------------------------
 
@@ -114,7 +125,8 @@ class DER(Method):
             for p in bb.extractors[-1].parameters():
                 p.requires_grad_(False)
                 p.grad = None  # the last step's gradients of task t-1, never used again
-            bb.expand()
+            last = bb.extractors[-1]
+            bb.expand(last.net if isinstance(last, MaskedExtractor) else last)
         if self.hp.mask:
             hp = self.hp
             bb.extractors[-1] = MaskedExtractor(bb.extractors[-1], hp.mask_init, hp.s_max, hp.mask_compensation)
@@ -126,13 +138,10 @@ class DER(Method):
             self.net.aux_head = aux.to(device=ref.device, dtype=ref.dtype)
 
     def train_mode(self) -> None:
-        """F_t and the heads train; F_1..F_{t-1} stay in eval mode (every epoch); all eval when re-learning."""
+        """F_t and the heads train; F_1..F_{t-1} stay in eval mode (every epoch)."""
         self.net.train()
         for e in self.extractors[:-1]:
             e.eval()
-        if getattr(self, "_backbone_frozen", False):
-            self.net.eval()
-        self._batch = 0
 
     def param_groups(self, task: Task) -> list[dict]:
         params = [p for p in self.net.parameters() if p.requires_grad]
@@ -151,7 +160,7 @@ class DER(Method):
 
     def stage(self, task: Task) -> Stage:
         st = super().stage(task)
-        return st.with_(epochs=st.epochs - self._warmup(task))
+        return st.replace(epochs=st.epochs - self._warmup(task))
 
     def before_task(self, task: Task) -> None:
         """Official warm-up: lr raised linearly over the first epochs, then H_t and H_t^a re-initialised."""
@@ -161,25 +170,17 @@ class DER(Method):
         base = super().stage(task)
         idx = self.train_indices(task)
         for e in range(w):
-            st = base.with_(epochs=1, lr=base.lr * (e + 1) / w, schedule="constant")
-            self.engine.fit(self.param_groups(task), idx, st, self.loss, desc=f"warm-up {e + 1}/{w}")
+            st = base.replace(epochs=1, lr=base.lr * (e + 1) / w, schedule="constant")
+            self.fit(self.param_groups(task), idx, st, self.loss, desc=f"warm-up {e + 1}/{w}")
         self.net.head.reset_parameters()
         if task.index > 0:
             self.net.aux_head.reset_parameters()
-
-    def epoch_batches(self, indices: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-        plan = super().epoch_batches(indices, batch_size)
-        self._n_batches = len(plan)
-        return plan
-
-    def after_step(self) -> None:
-        self._batch += 1
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         new = self.extractors[-1]
         masked = isinstance(new, MaskedExtractor)
         if masked:
-            new.set_s(anneal_s(self._batch, self._n_batches, self.hp.s_max))
+            new.set_s(anneal_s(self.at.step, self.at.steps, self.hp.s_max))
         out = self.net(x)
         loss = F.cross_entropy(out["logits"], y)
         if self.task.index > 0 and self.hp.aux_weight > 0:
@@ -200,29 +201,25 @@ class DER(Method):
     def balanced_subset(self, task: Task) -> torch.Tensor:
         """D_t U M with every class cut to the smallest class's count, at random (official "balanced_train")."""
         idx = self.train_indices(task)
-        labels = self.engine.train_data.labels[idx].to(idx.device)
+        labels = self.ctx.train_data.labels[idx].to(idx.device)
         per_class = [idx[labels == c] for c in range(task.stop)]
         k = min(len(p) for p in per_class)
         return torch.cat([p[torch.randperm(len(p), device=p.device)[:k]] for p in per_class])
 
     def relearn(self, task: Task) -> None:
         self.net.head.reset_parameters()
-        stage = Stage.for_task(self.engine.cfg.train, task.index).with_(
+        stage = self.stage(task).replace(
             epochs=self.hp.relearn_epochs, lr=self.hp.relearn_lr, schedule="multistep",
             milestones=list(self.hp.relearn_milestones), weight_decay=self.hp.relearn_weight_decay,
         )
         params = list(self.net.head.parameters())
-        if self.hp.relearn_data == "memory":
-            self.engine.update_memory(task)
-            self.balanced_finetune(params, stage, self.relearn_loss)
+        if self.hp.relearn_data == "memory":  # every extractor and head frozen in eval mode
+            self.update_memory(task)
+            self.balanced_finetune(params, stage, self.relearn_loss, train_mode=self.net.eval)
             return
-        self._backbone_frozen = True
-        try:
-            self.engine.fit([{"params": params}], self.balanced_subset(task), stage, self.relearn_loss,
-                            desc="classifier re-learning")
-        finally:
-            self._backbone_frozen = False
-        self.engine.update_memory(task)
+        self.fit([{"params": params}], self.balanced_subset(task), stage, self.relearn_loss, train_mode=self.net.eval,
+                 desc="classifier re-learning")
+        self.update_memory(task)
 
     def after_task(self, task: Task) -> None:
         counts = {"task": task.index, "params_trainable": count_params(self.net, trainable=True)}
@@ -237,7 +234,7 @@ class DER(Method):
             if task.index > 0 and self.hp.classifier_stage == "weight_align":
                 gamma = align_new_rows(self.net.head.weight.data, self.n_old)
                 log.info("DER: task %d weight aligning gamma %.4f", task.index + 1, gamma)
-            self.engine.update_memory(task)
+            self.update_memory(task)
         counts.update(self.count(), extractors=len(self.extractors))
         self.param_counts.append(counts)
         log.info("DER: task %d | %d extractors | %d parameters (%d after pruning) | %d trained",

@@ -1,0 +1,156 @@
+"""The task driver: takes each task of the scenario through the method's hooks and the one loop.
+
+For every task: ``grow`` and placement on the device, the teacher, ``before_task``, the training
+(:func:`cilkit.training.loop.fit` with the method's loss and hooks), ``after_task``, the NME class
+means (owned here, refreshed for every method with a memory), the evaluation on every seen class,
+and the task's record. It also gives the checkpoint state and restores it. The driver is handed a
+built method; it knows no config, no registry and no run folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from cilkit.data.scenario import Scenario, Task
+from cilkit.memory.nme import class_means, nme_scores
+from cilkit.methods.base import Method
+from cilkit.metrics import run_summary, task_accuracies
+from cilkit.training.runtime import Runtime, rng_state, set_rng_state
+
+log = logging.getLogger("cilkit")
+
+
+class TaskDriver:
+    """Runs one class-incremental experiment: ``method`` on ``scenario`` with ``runtime``."""
+
+    def __init__(self, method: Method, runtime: Runtime, scenario: Scenario, *, topk: int = 5,
+                 nme_flip: bool = False, seed: int = 0):
+        self.method = method
+        self.runtime = runtime
+        self.scenario = scenario
+        self.topk = topk
+        self.nme_flip = nme_flip
+        self.seed = seed
+        self.class_means: torch.Tensor | None = None
+        self.records: list[dict] = []
+        self.next_task = 0
+
+    @property
+    def net(self):
+        return self.method.net
+
+    @property
+    def memory(self):
+        return self.method.memory
+
+    # -- one task --------------------------------------------------------------------------------
+
+    def open_task(self, task: Task) -> None:
+        """Everything before training: the new structure on the device, the teacher, ``before_task``."""
+        m = self.method
+        m.task = task
+        m.grow(task)
+        self.runtime.place(self.net)
+        m.start_task(task)
+        m.before_task(task)
+
+    def run_task(self, task: Task) -> dict:
+        start = time.perf_counter()
+        m = self.method
+        self.open_task(task)
+        n_tasks = len(self.scenario.tasks)
+        stats = m.fit(m.param_groups(task), m.train_indices(task), m.stage(task), m.loss, desc=f"task {task.index + 1}/{n_tasks}")
+        m.after_task(task)
+        m.end_task(task)
+        if self.memory is not None:
+            self.class_means = class_means(self.memory, m.features, self.nme_flip)
+        record = {"task": task.index, "classes": [task.start, task.stop], "n_seen": task.stop}
+        record.update(self.evaluate(task))
+        record.update(m.task_metrics())
+        record.update(
+            train_images=stats["images"], train_seconds=stats["seconds"], train_images_per_s=stats["images_per_s"],
+            memory_size=len(self.memory) if self.memory is not None else 0,
+            wall_time_s=time.perf_counter() - start,
+        )
+        self.records.append(record)
+        self.next_task = task.index + 1
+        nme = f" | NME {record['nme']['top1']:.2f}" if "nme" in record else ""
+        log.info(
+            "task %d/%d | %d classes | CNN %.2f%s | %.1fs (%.0f img/s)",
+            task.index + 1, n_tasks, task.stop, record["cnn"]["top1"], nme, record["wall_time_s"], stats["images_per_s"],
+        )
+        return record
+
+    def remaining_tasks(self) -> list[Task]:
+        return self.scenario.tasks[self.next_task :]
+
+    @torch.no_grad()
+    def evaluate(self, task: Task) -> dict:
+        """CNN (and NME) accuracy on the test samples of every class seen up to ``task``."""
+        rt, n_seen = self.runtime, task.stop
+        bounds = self.scenario.boundaries[: task.index + 2]
+        idx = rt.test_data.indices_of(range(n_seen))
+        self.net.eval()
+        logits, feats, labels = [], [], []
+        for x, y in rt.test_batches(rt.test_data, idx):
+            with rt.autocast():
+                out = self.method.inference(x)
+            logits.append(out["logits"][:, :n_seen].float())
+            if self.class_means is not None:
+                feats.append(out["features"].float())
+            labels.append(y)
+        labels = torch.cat(labels)
+        result = {"cnn": task_accuracies(torch.cat(logits), labels, bounds, self.topk)}
+        if self.class_means is not None:
+            scores = nme_scores(torch.cat(feats), self.class_means)
+            result["nme"] = task_accuracies(scores, labels, bounds, self.topk)
+        return result
+
+    # -- results and checkpoints ------------------------------------------------------------------
+
+    def metrics(self) -> dict:
+        """Everything measured so far: per-task figures, the summary and the accuracy matrices."""
+        summary, matrices = run_summary(self.records, self.topk)
+        return {
+            "method": self.method.name,
+            "dataset": self.scenario.dataset.name,
+            "scenario": self.scenario.name,
+            "increments": self.scenario.increments,
+            "class_order": self.scenario.order,
+            "seed": self.seed,
+            "device": str(self.runtime.device),
+            "complete": len(self.records) == len(self.scenario.tasks),
+            "summary": summary,
+            "tasks": self.records,
+            **matrices,
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "next_task": self.next_task,
+            "net": self.net.state_dict(),
+            "method": self.method.state_dict(),
+            "memory": self.memory.state_dict() if self.memory is not None else None,
+            "class_means": self.class_means,
+            "records": self.records,
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Rebuild the structure of the finished tasks, then load their state and the RNG."""
+        for task in self.scenario.tasks[: state["next_task"]]:
+            self.method.task = task
+            self.method.grow(task)
+        self.runtime.place(self.net)
+        self.net.load_state_dict(state["net"])
+        self.method.load_state_dict(state["method"])
+        if self.memory is not None:
+            self.memory.load_state_dict(state["memory"])
+        cm = state["class_means"]
+        self.class_means = cm.to(self.runtime.device) if cm is not None else None
+        self.records = state["records"]
+        self.next_task = state["next_task"]
+        set_rng_state(state["rng"])

@@ -1,1 +1,0 @@
-"""The one training loop (``Engine.fit``) and the task-by-task driver."""

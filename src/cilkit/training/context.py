@@ -1,0 +1,48 @@
+"""The context a method is handed: the runtime's data and loop, the memory, the configured stages.
+
+:class:`TrainingContext` implements :class:`cilkit.methods.base.Context` (the protocol a method may
+rely on); it is built by the experiment and holds nothing a method could use to reach the driver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from cilkit.data.scenario import Task
+from cilkit.data.store import ImageStore
+from cilkit.memory.exemplars import ExemplarMemory
+from cilkit.training.loop import StepInfo, fit
+from cilkit.training.progress import Progress
+from cilkit.training.runtime import Runtime
+from cilkit.training.stage import Stage
+
+
+class TrainingContext:
+    def __init__(self, runtime: Runtime, memory: ExemplarMemory | None, seed: int,
+                 stage_of: Callable[[int], Stage], progress: Progress | None = None):
+        self.runtime = runtime
+        self.memory = memory
+        self.seed = seed
+        self.at = StepInfo()
+        self.progress = progress or Progress("off")
+        self._stage_of = stage_of
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def train_data(self) -> ImageStore:
+        return self.runtime.train_data
+
+    def stage(self, task: Task) -> Stage:
+        return self._stage_of(task.index)
+
+    def fit(self, groups, indices, stage, loss, *, batches, train_mode, after_step, desc: str = "") -> dict:
+        return fit(self.runtime, groups, indices, stage, loss, batches=batches, train_mode=train_mode,
+                   after_step=after_step, at=self.at, progress=self.progress, desc=desc)
+
+    def features(self, indices, forward, *, flip: bool = False, transform=None) -> torch.Tensor:
+        return self.runtime.features(indices, forward, flip=flip, transform=transform)
