@@ -16,22 +16,22 @@ def run_cut_and_resumed(tmp_path, monkeypatch):
     import json
 
     from cilkit.cli import main
-    from cilkit.engine.trainer import Engine
+    from cilkit.driver import TaskDriver
     from cilkit.experiment import Experiment
 
     def run(cfg, cut_at: int = 2):
         full = Experiment(cfg, tmp_path / "full", progress="off").execute()
-        original = Engine.run_task
+        original = TaskDriver.run_task
 
         def interrupted(self, task):
             if task.index == cut_at:
                 raise KeyboardInterrupt
             return original(self, task)
 
-        monkeypatch.setattr(Engine, "run_task", interrupted)
+        monkeypatch.setattr(TaskDriver, "run_task", interrupted)
         with pytest.raises(KeyboardInterrupt):
             Experiment(cfg, tmp_path / "cut", progress="off").execute()
-        monkeypatch.setattr(Engine, "run_task", original)
+        monkeypatch.setattr(TaskDriver, "run_task", original)
         partial = json.loads((tmp_path / "cut" / "metrics.json").read_text())
         assert main(["run", "--resume", str(tmp_path / "cut"), "--progress", "off"]) == 0
         resumed = json.loads((tmp_path / "cut" / "metrics.json").read_text())

@@ -27,6 +27,14 @@ from cilkit.cli import main
         (["--dataset", "cifar100", "--data-root", "/nonexistent/cifar"], "'data.root'"),
         (["--device", "tpu"], "'device'"),
         (["--config", "no/such/preset"], "'--config'"),
+        (["--method", "finetune", "--memory", "100"], "'memory.size'"),
+        (["--method", "lwf", "--set", "memory.per_class=5"], "'memory.per_class'"),
+        (["--method", "lwf", "--set", "method_args.T=0"], "'method_args.T'"),
+        (["--method", "ssil", "--set", "method_args.replay_batch_size=0"], "'method_args.replay_batch_size'"),
+        (["--method", "coil", "--set", "method_args.rt_every=0"], "'method_args.rt_every'"),
+        (["--method", "spb", "--set", "method_args.clip_weights=0.5"], "'method_args.clip_weights'"),
+        (["--method", "lwm", "--set", "model.backbone=mlp"], "'model.backbone'"),
+        (["--set", "train.amp=sometimes"], "'train.amp'"),
     ],
 )
 def test_bad_config_exits_2_naming_the_field(argv, field, tmp_path, capsys):
@@ -50,3 +58,10 @@ def test_missing_idx_files_name_the_expected_path(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and str(tmp_path) in err and "idx" in err.lower()
     assert not (tmp_path / "r").exists()
+
+
+def test_tri_state_settings_take_auto_true_and_false():
+    from cilkit import resolve
+
+    cfg = resolve([{"train": {"amp": "auto", "channels_last": False}, "memory": {"nme_flip": "true"}}])
+    assert (cfg.train.amp, cfg.train.channels_last, cfg.memory.nme_flip) == (None, False, True)

@@ -84,7 +84,9 @@ def test_memory_state_round_trip():
     mem = ExemplarMemory(total=60)
     _grow(mem, range(3))
     other = ExemplarMemory(total=60)
+    other.exemplars[99] = torch.tensor([1])  # a stale class must not survive the load
     other.load_state_dict(mem.state_dict())
+    assert other.exemplars.keys() == mem.exemplars.keys()
     assert all(torch.equal(other.exemplars[c], mem.exemplars[c]) for c in mem.exemplars)
 
 
@@ -100,3 +102,19 @@ def test_nme_class_means_and_prediction():
     assert scores.argmax(1).tolist() == [0, 1, 2]
     x0 = torch.nn.functional.normalize(x[:1], dim=1)
     assert torch.allclose(-scores[0, 0], ((x0 - means[0]) ** 2).sum())
+
+
+def test_class_means_follow_the_memory_order_and_use_flips_when_asked():
+    from cilkit.memory.nme import class_means
+
+    mem = ExemplarMemory(total=6)
+    mem.exemplars = {1: torch.tensor([2, 3]), 0: torch.tensor([0, 1])}
+    table = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 2.0]])
+
+    def features(idx, flip=False):
+        return -table[idx] if flip else table[idx]
+
+    plain = class_means(mem, features, flip=False)
+    assert torch.allclose(plain, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))  # class 0 first, unit rows
+    flipped = class_means(mem, features, flip=True)
+    assert torch.allclose(flipped, torch.zeros(2, 2))  # a feature and its negation cancel

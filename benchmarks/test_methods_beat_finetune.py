@@ -1,4 +1,9 @@
-"""Every method runs end to end on the embedded digits data and beats finetuning."""
+"""Every method beats finetuning on the embedded digits data by 2 points (average incremental accuracy).
+
+A statistical comparison, not a unit test: 16 full runs of 6 epochs a task (about 70 s on 2 cores).
+Run it with ``python -m pytest benchmarks/test_methods_beat_finetune.py``; the default suite keeps one
+short smoke run per method (tests/test_methods_smoke.py).
+"""
 
 import pytest
 
