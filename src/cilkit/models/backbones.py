@@ -15,6 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def stage_outputs(stages: nn.ModuleList, x: torch.Tensor) -> dict:
+    """Run ``x`` through the stages: the globally pooled last map is the feature vector, every
+    stage's output is kept in ``maps``."""
+    maps = []
+    for stage in stages:
+        x = stage(x)
+        maps.append(x)
+    return {"features": torch.flatten(F.adaptive_avg_pool2d(x, 1), 1), "maps": maps}
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with a residual connection (He et al., 2016)."""
 
@@ -85,12 +95,7 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> dict:
-        x = self.stem(x)
-        maps = []
-        for stage in self.stages:
-            x = stage(x)
-            maps.append(x)
-        return {"features": torch.flatten(F.adaptive_avg_pool2d(x, 1), 1), "maps": maps}
+        return stage_outputs(self.stages, self.stem(x))
 
 
 class ConvNet(nn.Module):
@@ -107,11 +112,7 @@ class ConvNet(nn.Module):
         self.out_dim = cin
 
     def forward(self, x: torch.Tensor) -> dict:
-        maps = []
-        for stage in self.stages:
-            x = stage(x)
-            maps.append(x)
-        return {"features": torch.flatten(F.adaptive_avg_pool2d(x, 1), 1), "maps": maps}
+        return stage_outputs(self.stages, x)
 
 
 class MLP(nn.Module):
