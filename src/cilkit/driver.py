@@ -121,6 +121,7 @@ class TaskDriver:
             "increments": self.scenario.increments,
             "class_order": self.scenario.order,
             "seed": self.seed,
+            "topk": self.topk,
             "device": str(self.runtime.device),
             "complete": len(self.records) == len(self.scenario.tasks),
             "summary": summary,

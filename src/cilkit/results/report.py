@@ -27,15 +27,20 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def topk_key(metrics: dict) -> str:
+    """The key of the top-k accuracy of a run (``top5`` by default, ``top1`` when ``eval.topk`` is 1)."""
+    return f"top{metrics.get('topk', 5)}"
+
+
 def task_table(metrics: dict) -> str:
-    """One row per task: classes seen, CNN top-1/top-5, old/new, NME top-1, time."""
+    """One row per task: classes seen, CNN top-1/top-k, old/new, NME top-1, time."""
     has_nme = bool(metrics["tasks"]) and "nme" in metrics["tasks"][0]
-    header = ["task", "classes", "top1", "top5", "old", "new"] + (["nme_top1"] if has_nme else []) + ["time_s"]
+    topk = topk_key(metrics)
+    header = ["task", "classes", "top1", topk, "old", "new"] + (["nme_top1"] if has_nme else []) + ["time_s"]
     rows = []
     for t in metrics["tasks"]:
         cnn = t["cnn"]
-        topk = next(k for k in cnn if k.startswith("top") and k != "top1")
-        row = [t["task"] + 1, t["n_seen"], cnn["top1"], cnn[topk], cnn["old"], cnn["new"]]
+        row = [t["task"] + 1, t["n_seen"], cnn["top1"], cnn.get(topk), cnn["old"], cnn["new"]]
         rows.append(row + ([t["nme"]["top1"]] if has_nme else []) + [t["wall_time_s"]])
     return format_table(header, rows)
 
@@ -58,11 +63,11 @@ def metrics_csv(metrics: dict) -> str:
     """Per-task figures as CSV rows (one per task; the NME columns are empty without a memory)."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["task", "n_seen", "top1", "top5", "old", "new", "nme_top1", "nme_top5", "wall_time_s", "train_images_per_s"])
+    topk = topk_key(metrics)
+    w.writerow(["task", "n_seen", "top1", topk, "old", "new", "nme_top1", f"nme_{topk}", "wall_time_s", "train_images_per_s"])
     for t in metrics["tasks"]:
         cnn, nme = t["cnn"], t.get("nme", {})
-        topk = next(k for k in cnn if k.startswith("top") and k != "top1")
-        w.writerow([t["task"], t["n_seen"], cnn["top1"], cnn[topk], cnn["old"], cnn["new"],
+        w.writerow([t["task"], t["n_seen"], cnn["top1"], cnn.get(topk), cnn["old"], cnn["new"],
                     nme.get("top1"), nme.get(topk), t["wall_time_s"], t["train_images_per_s"]])
     return buf.getvalue()
 
