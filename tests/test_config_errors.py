@@ -35,6 +35,15 @@ from cilkit.cli import main
         (["--method", "spb", "--set", "method_args.clip_weights=0.5"], "'method_args.clip_weights'"),
         (["--method", "lwm", "--set", "model.backbone=mlp"], "'model.backbone'"),
         (["--set", "train.amp=sometimes"], "'train.amp'"),
+        (["--set", "train.momentum=-0.1"], "'train.momentum'"),
+        (["--set", "train.gamma=-0.5"], "'train.gamma'"),
+        (["--set", "train.crop_pad=-1"], "'train.crop_pad'"),
+        (["--set", "train.first_weight_decay=-1"], "'train.first_weight_decay'"),
+        (["--set", "train=[]"], "'train'"),
+        (["--seed", "-1"], "'seed'"),
+        (["--seed", "4294967296"], "'seed'"),
+        (["--set", "name=../../escape"], "'name'"),
+        (["--set", "data.n_classes=0"], "'data.n_classes'"),
     ],
 )
 def test_bad_config_exits_2_naming_the_field(argv, field, tmp_path, capsys):
@@ -65,3 +74,43 @@ def test_tri_state_settings_take_auto_true_and_false():
 
     cfg = resolve([{"train": {"amp": "auto", "channels_last": False}, "memory": {"nme_flip": "true"}}])
     assert (cfg.train.amp, cfg.train.channels_last, cfg.memory.nme_flip) == (None, False, True)
+
+
+def test_mps_where_there_is_none(tmp_path, capsys):
+    import torch
+
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    assert main(["run", "--device", "mps", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "'device'" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_scientific_notation_for_float_fields(tmp_path):
+    from cilkit import resolve
+    from cilkit.presets import load_yaml
+
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 5e-4\n  weight_decay: 1E-5\n")
+    cfg = resolve([load_yaml(str(f)), {"train": {"first_lr": "1e-3"}}])
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.first_lr) == (5e-4, 1e-5, 1e-3)
+
+
+def test_config_that_is_not_text(tmp_path, capsys):
+    f = tmp_path / "bin.yaml"
+    f.write_bytes(bytes(range(256)) * 4)
+    assert main(["run", "--config", str(f), "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "'--config'" in err and "not a text file" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("where", ["proc", "file"])
+def test_run_folder_that_cannot_be_created_is_refused_before_data(where, tmp_path, capsys):
+    if where == "proc":
+        run_dir = "/proc/cilkit-run"
+    else:
+        (tmp_path / "afile").write_text("x")
+        run_dir = str(tmp_path / "afile" / "run")
+    assert main(["run", "--dataset", "fmnist", "--data-root", str(tmp_path), "--run-dir", run_dir]) == 2
+    err = capsys.readouterr().err
+    assert "run folder" in err and "idx" not in err.lower()  # refused before the (missing) data was looked at
+    assert err.count("\n") == 1

@@ -19,3 +19,26 @@ def test_topk_1_runs_and_reports(tmp_path):
     assert "top1" in task_table(metrics).splitlines()[0]
     rows = metrics_csv(metrics).strip().splitlines()
     assert rows[0].split(",")[2:4] == ["top1", "top1"] and len(rows) == 3
+
+
+def test_a_full_disk_is_one_message_and_the_folder_stays_consistent(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import cilkit.results.rundir as rundir
+
+    original, calls = rundir.atomic_write_bytes, []
+
+    def full_after_the_first_task(path, data):
+        calls.append(path.name)
+        if "task_001" in path.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(path, data)
+
+    monkeypatch.setattr(rundir, "atomic_write_bytes", full_after_the_first_task)
+    run = tmp_path / "r"
+    argv = ["run", "--method", "finetune", "--scenario", "B6-Inc4", "--epochs", "1", "--run-dir", str(run), "--progress", "off"]
+    assert main(argv + ["--set", "model.backbone=mlp"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("cilkit: error:") and "No space left on device" in last and "--resume" in last
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["task_000.pt"]
+    assert json.loads((run / "metrics.json").read_text())["tasks"][0]["task"] == 0

@@ -18,7 +18,10 @@ from cilkit.data.registry import DATASETS
 from cilkit.errors import ConfigError
 from cilkit.memory.exemplars import SELECTIONS
 from cilkit.models.backbones import BACKBONES
+from cilkit.schema import param
 from cilkit.training.stage import Stage
+
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 
 
 @dataclass
@@ -26,7 +29,7 @@ class DataConfig:
     dataset: str = "digits"
     root: str | None = None
     download: bool = False
-    n_classes: int | None = None  # keep only the first K classes of the order
+    n_classes: int | None = param(None, ge=1)  # keep only the first K classes of the order
     image_size: int | None = None  # imagefolder: decoded images are resized to this size
     on_device: bool | None = None  # keep the uint8 images on the training device (None/auto: when they fit)
 
@@ -35,7 +38,7 @@ class DataConfig:
 class ScenarioConfig:
     name: str | list[int] = "B0-Inc2"
     class_order: str | list[int] = "seed"
-    order_seed: int = 1993
+    order_seed: int = param(1993, ge=0, le=SEED_MAX)
 
 
 @dataclass
@@ -52,16 +55,16 @@ class TrainConfig:
     optimizer: str = "sgd"
     lr: float = 0.1
     first_lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    first_weight_decay: float | None = None
+    momentum: float = param(0.9, ge=0, lt=1)
+    weight_decay: float = param(5e-4, ge=0)
+    first_weight_decay: float | None = param(None, ge=0)
     schedule: str = "cosine"
     milestones: list[int] = field(default_factory=list)
     first_milestones: list[int] | None = None
-    gamma: float = 0.1
+    gamma: float = param(0.1, gt=0)
     batch_size: int = 128
     augment: str = "none"
-    crop_pad: int = 4
+    crop_pad: int = param(4, ge=0)
     amp: bool | None = None  # bf16 autocast (None/auto: on CUDA)
     channels_last: bool | None = None  # (None/auto: on CUDA)
     compile: bool = False  # torch.compile the backbone (fewer, fused kernels; compiles once per run)
@@ -98,7 +101,7 @@ class EvalConfig:
 class Config:
     method: str = "replay"
     method_args: dict = field(default_factory=dict)
-    seed: int = 0
+    seed: int = param(0, ge=0, le=SEED_MAX)
     device: str = "auto"
     name: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
@@ -186,8 +189,8 @@ def validate(cfg: Config) -> None:
     positive("eval.batch_size", cfg.eval.batch_size)
     positive("eval.topk", cfg.eval.topk)
     positive("data.image_size", cfg.data.image_size, allow_none=True)
-    if cfg.train.weight_decay < 0:
-        raise ConfigError("train.weight_decay", f"must be >= 0, got {cfg.train.weight_decay}")
+    if cfg.name is not None and (not cfg.name.strip() or any(c in cfg.name for c in "/\\") or cfg.name in (".", "..")):
+        raise ConfigError("name", f"{cfg.name!r} is a run name, not a path: use letters, digits, - and _ (choose a folder with --run-dir)")
     for name in ("milestones", "first_milestones"):
         ms = getattr(cfg.train, name)
         if ms is not None and (any(m <= 0 for m in ms) or list(ms) != sorted(ms)):

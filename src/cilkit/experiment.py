@@ -105,10 +105,13 @@ def build_driver(cfg: Config, scenario: Scenario, progress: str = "auto") -> Tas
     return TaskDriver(method, runtime, scenario, topk=cfg.eval.topk, nme_flip=nme_flip, seed=cfg.seed)
 
 
+RUNS = Path("runs")  # where run folders go by default, below the working directory
+
+
 def default_run_dir(cfg: Config, scenario: Scenario) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = cfg.name or f"{cfg.method}-{cfg.data.dataset}-{scenario.name}-{stamp}"
-    return Path("runs") / name
+    return RUNS / name
 
 
 def _attach_log(run: RunDir) -> logging.Handler:
@@ -123,6 +126,12 @@ class Experiment:
 
     def __init__(self, cfg: Config, run_dir: str | Path | None = None, progress: str = "auto", scenario: Scenario | None = None):
         self.cfg = cfg
+        # What can be checked without the data is checked first: the device, the run folder.
+        resolve_device(cfg.device)
+        if run_dir is not None:
+            RunDir(run_dir).check_writable()
+        else:
+            RunDir(RUNS).check_writable()
         self.scenario = scenario or build_scenario(cfg)
         self.run = RunDir(run_dir or default_run_dir(cfg, self.scenario))
         self.driver = build_driver(cfg, self.scenario, progress)
@@ -172,14 +181,25 @@ class Experiment:
             log.info("tasks: %s classes", self.scenario.increments)
             for task in self.driver.remaining_tasks():
                 self.driver.run_task(task)
-                self.run.save_checkpoint(task.index, self.driver.state_dict())
-                self._write_results()
+                self._save(lambda: self.run.save_checkpoint(task.index, self.driver.state_dict()), task)
+                self._save(self._write_results, task)
             if not self.driver.remaining_tasks() and not self.run.metrics_path.exists():
                 self._write_results()
             return self.driver.metrics()
         finally:
             log.removeHandler(handler)
             handler.close()
+
+    def _save(self, write, task) -> None:
+        """Write, or say clearly what could not be written; every file is replaced atomically, so the
+        folder keeps its last complete version of each."""
+        try:
+            write()
+        except OSError as e:
+            done = f"task {task.index} finished but not saved" if task.index == 0 else (
+                f"the run folder keeps the checkpoint of task {task.index - 1}")
+            raise CilkitError(f"cannot write to {self.run.path}: {e.strerror or e} ({done}); "
+                              f"free the space or fix the folder, then: cilkit run --resume {self.run.path}") from None
 
     def _write_results(self) -> None:
         metrics = self.driver.metrics()

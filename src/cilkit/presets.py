@@ -70,7 +70,10 @@ def load_yaml(spec: str, _seen: tuple = ()) -> dict:
     """
     path = Path(spec)
     if path.is_file():
-        text, base_dir = path.read_text(), path.parent
+        try:
+            text, base_dir = path.read_text(encoding="utf-8"), path.parent
+        except UnicodeDecodeError:
+            raise ConfigError("--config", f"'{spec}' is not a text file (a YAML config is UTF-8 text)") from None
     else:
         packaged = _preset_path(spec)
         if not packaged.is_file():

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from typing import Any
 
 from cilkit.errors import ConfigError
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 _BOUNDS = {"gt": (lambda v, b: v > b, "> {}"), "ge": (lambda v, b: v >= b, ">= {}"),
            "lt": (lambda v, b: v < b, "< {}"), "le": (lambda v, b: v <= b, "<= {}")}
@@ -87,6 +90,8 @@ def check_value(path: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):  # YAML 1.1 reads 1e-3 as a string
+            return float(value)
         raise ConfigError(path, f"expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -120,7 +125,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
             raise ConfigError(path, f"unknown key; allowed keys here: {', '.join(fields)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = from_dict(tp, value or {}, path + ".")
+            kwargs[key] = from_dict(tp, {} if value is None else value, path + ".")
         else:
             kwargs[key] = check_value(path, value, tp)
             check_bounds(path, kwargs[key], fields[key].metadata.get("bounds", {}))

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from cilkit.errors import CilkitError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -65,6 +67,10 @@ def json_safe(obj, nulled: list[str] | None = None, _where: str = ""):
 _json_log = logging.getLogger("cilkit")
 
 
+class RunFolderError(CilkitError):
+    """The run folder cannot be created, written or read as a run."""
+
+
 class RunDir:
     """``runs/<name>/``: config.yaml, metrics.json, log.txt, accuracy.png, checkpoints/task_XXX.pt."""
 
@@ -91,6 +97,32 @@ class RunDir:
 
     def exists(self) -> bool:
         return self.config_path.exists()
+
+    def check_writable(self) -> None:
+        """Refuse, before any data is read, a run folder that cannot be created or written.
+
+        The folders it had to create for the check are removed again: nothing is left behind.
+        """
+        made, node = [], self.path
+        while not node.exists():
+            made.append(node)
+            node = node.parent
+        if not node.is_dir():
+            raise RunFolderError(f"cannot create the run folder {self.path}: {node} is a file, not a folder")
+        try:
+            for folder in reversed(made):
+                folder.mkdir()
+            fd, probe = tempfile.mkstemp(dir=self.path, prefix=".write-check.", suffix=".tmp")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise RunFolderError(f"cannot write the run folder {self.path}: {e.strerror or e}; choose another --run-dir") from None
+        finally:
+            for folder in made:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass
 
     def write_config(self, config: dict) -> None:
         atomic_write_text(self.config_path, yaml.safe_dump(config, sort_keys=False))

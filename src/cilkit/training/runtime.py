@@ -29,6 +29,8 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", "'cuda' was asked for but no CUDA device is available; use auto or cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise ConfigError("device", "'mps' was asked for but no Apple MPS device is available; use auto or cpu")
     return torch.device(name)
 
 
