@@ -42,3 +42,14 @@ def test_a_full_disk_is_one_message_and_the_folder_stays_consistent(tmp_path, mo
     assert last.startswith("cilkit: error:") and "No space left on device" in last and "--resume" in last
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["task_000.pt"]
     assert json.loads((run / "metrics.json").read_text())["tasks"][0]["task"] == 0
+
+
+def test_a_loss_that_diverges_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    run = tmp_path / "r"
+    argv = ["run", "--method", "finetune", "--scenario", "B6-Inc4", "--epochs", "2", "--run-dir", str(run), "--progress", "off",
+            "--set", "model.backbone=mlp"]
+    assert main(argv + ["--set", "train.lr=1e12", "--set", "train.first_lr=0.05"]) != 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "task 2/2" in last and ("nan" in last or "inf" in last) and "train.lr" in last and "task_000.pt" in last
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["task_000.pt"]
+    assert len(json.loads((run / "metrics.json").read_text())["tasks"]) == 1

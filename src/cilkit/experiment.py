@@ -27,6 +27,7 @@ from cilkit.results.report import metrics_csv
 from cilkit.results.rundir import RunDir, atomic_write_text
 from cilkit.schema import from_dict
 from cilkit.training.context import TrainingContext
+from cilkit.training.loop import TrainingDiverged
 from cilkit.training.progress import Progress
 from cilkit.training.runtime import Runtime, resolve_device, seed_everything
 
@@ -180,7 +181,12 @@ class Experiment:
             log.info("class order: %s", self.scenario.order)
             log.info("tasks: %s classes", self.scenario.increments)
             for task in self.driver.remaining_tasks():
-                self.driver.run_task(task)
+                try:
+                    self.driver.run_task(task)
+                except TrainingDiverged as e:
+                    kept = self.run.latest_checkpoint()
+                    raise TrainingDiverged(f"{e}; the run folder keeps {'the checkpoint ' + kept.name if kept else 'no checkpoint'}"
+                                           f" ({self.run.path})") from None
                 self._save(lambda: self.run.save_checkpoint(task.index, self.driver.state_dict()), task)
                 self._save(self._write_results, task)
             if not self.driver.remaining_tasks() and not self.run.metrics_path.exists():

@@ -9,18 +9,24 @@ training, warm-ups, balanced finetuning, bias correction, re-learning) runs thro
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from cilkit.errors import CilkitError
 from cilkit.training.progress import Progress
 from cilkit.training.runtime import Runtime
 from cilkit.training.stage import Stage, build_optimizer, build_scheduler
 
 Batches = Callable[[torch.Tensor, int], list[torch.Tensor]]
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class TrainingDiverged(CilkitError):
+    """The training loss became NaN or infinite: the stage stops, nothing of it is saved."""
 
 
 @dataclass
@@ -100,7 +106,14 @@ def fit(
             progress.step()
         seen += n_epoch
         rate = n_epoch / (time.perf_counter() - t0)
-        progress.end_epoch(epoch, stage.epochs, total.item() / len(plan), optimizer.param_groups[0]["lr"], rate)
+        mean = total.item() / len(plan)  # the epoch's one host sync
+        if not math.isfinite(mean):
+            progress.end_stage()
+            raise TrainingDiverged(
+                f"{desc}, epoch {epoch + 1}: the training loss became {mean} (diverged; learning rate {stage.lr:g}, "
+                f"optimizer {stage.optimizer}); lower the learning rate (train.lr) and run again"
+            )
+        progress.end_epoch(epoch, stage.epochs, mean, optimizer.param_groups[0]["lr"], rate)
     progress.end_stage()
     seconds = time.perf_counter() - start
     return {"images": seen, "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
