@@ -29,6 +29,7 @@ def _run_parser(sub) -> None:
     p.add_argument("--epochs", type=int, help="epochs of every task (also the first)")
     p.add_argument("--seed", type=int, help="training seed (the class order has its own, 1993)")
     p.add_argument("--device", help="auto, cpu, cuda or mps")
+    p.add_argument("--threads", type=int, help="CPU threads of torch (on a shared or busy machine, 1 or 2 is often fastest)")
     p.add_argument("--run-dir", help="run folder (default runs/<method>-<dataset>-<scenario>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR after its last finished task")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. train.lr=0.05")
@@ -42,6 +43,7 @@ def _cli_layer(args) -> dict:
     direct = {
         "method": args.method, "data.dataset": args.dataset, "data.root": args.data_root,
         "scenario.name": args.scenario, "memory.size": args.memory, "seed": args.seed, "device": args.device,
+        "threads": args.threads,
     }
     for key, value in direct.items():
         if value is not None:

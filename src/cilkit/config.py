@@ -103,6 +103,7 @@ class Config:
     method_args: dict = field(default_factory=dict)
     seed: int = param(0, ge=0, le=SEED_MAX)
     device: str = "auto"
+    threads: int | None = param(None, ge=1)  # CPU threads of torch (None: torch's default, one per core)
     name: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
@@ -146,11 +147,14 @@ DATASET_PROFILES: dict[str, dict] = {
                 "batch_size": 128, "augment": "crop_flip",
             },
         }
-        for name in ("cifar10", "cifar100", "tinyimagenet", "numpy")
+        for name in ("cifar10", "cifar100", "tinyimagenet")
     },
-    # ImageNet-100 style data: ResNet-18, 90 epochs (UCIR's ImageNet schedule).
+    # A user's own arrays: the plain built-in defaults (convnet, one schedule for every task, no
+    # augmentation), nothing inherited from a benchmark.
+    "numpy": {},
+    # ImageNet-100 style data: ResNet-18, 90 epochs (UCIR's ImageNet schedule); the images keep their
+    # own size when they share one (data.image_size resizes them).
     "imagefolder": {
-        "data": {"image_size": 224},
         "scenario": {"name": "B0-Inc10"},
         "model": {"backbone": "resnet18"},
         "train": {

@@ -7,9 +7,12 @@ created and before any training: the run folder holds only complete files.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
+
+import torch
 
 from cilkit.config import Config, validate
 from cilkit.data.augment import BatchAugment
@@ -80,6 +83,8 @@ def build_driver(cfg: Config, scenario: Scenario, progress: str = "auto") -> Tas
     """The runtime on the configured device, the network, the memory and the method, in a driver."""
     device = resolve_device(cfg.device)
     cuda = device.type == "cuda"
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     ds = scenario.dataset
     on_device = cfg.data.on_device
@@ -104,6 +109,20 @@ def build_driver(cfg: Config, scenario: Scenario, progress: str = "auto") -> Tas
     method = cls(cls.parse_args(cfg.method_args), net, ctx)
     nme_flip = augment.flips if cfg.memory.nme_flip is None else cfg.memory.nme_flip
     return TaskDriver(method, runtime, scenario, topk=cfg.eval.topk, nme_flip=nme_flip, seed=cfg.seed)
+
+
+def schedule_text(cfg: Config, n_tasks: int) -> str:
+    """The resolved training schedule in one line: the first task's, then the later tasks' if different."""
+
+    def one(stage) -> str:
+        ms = f" milestones {stage.milestones}" if stage.schedule == "multistep" else ""
+        return (f"{stage.epochs} epochs, {stage.optimizer} lr {stage.lr:g} ({stage.schedule}{ms}), "
+                f"weight decay {stage.weight_decay:g}, batch {stage.batch_size}, augment {cfg.train.augment}")
+
+    first, later = cfg.train.stage(0), cfg.train.stage(1)
+    if n_tasks == 1 or first == later:
+        return f"every task: {one(first)}"
+    return f"task 1: {one(first)}; tasks 2-{n_tasks}: {one(later)}"
 
 
 RUNS = Path("runs")  # where run folders go by default, below the working directory
@@ -165,10 +184,18 @@ class Experiment:
             log.info("resuming %s after task %d (%s)", run.path, exp.driver.next_task, ckpt.name)
         return exp
 
+    def resolved_config(self) -> dict:
+        """The whole configuration the run uses: every key, the method's hyperparameters with their defaults."""
+        out = self.cfg.to_dict()
+        out["method_args"] = dataclasses.asdict(self.method.hp)
+        if self.method.memory is None:  # no budget is used: none is recorded (it would be refused on a rerun)
+            out["memory"].update(size=None, per_class=None)
+        return out
+
     def start(self) -> None:
         if self.run.exists() or self.run.metrics_path.exists() or self.run.latest_checkpoint() is not None:
             raise CilkitError(f"run folder {self.run.path} already holds a run: use --resume {self.run.path} or another --run-dir")
-        self.run.write_config(self.cfg.to_dict())
+        self.run.write_config(self.resolved_config())
 
     def execute(self) -> dict:
         """Train every remaining task; after each, a checkpoint, metrics.json and accuracy.png."""
@@ -180,6 +207,7 @@ class Experiment:
         try:
             log.info("class order: %s", self.scenario.order)
             log.info("tasks: %s classes", self.scenario.increments)
+            log.info("schedule: %s", schedule_text(self.cfg, len(self.scenario.tasks)))
             for task in self.driver.remaining_tasks():
                 try:
                     self.driver.run_task(task)
