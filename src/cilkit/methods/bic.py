@@ -1,42 +1,13 @@
-"""BiC: bias correction of the classifier (Wu et al., CVPR 2019).
+"""BiC: bias correction of the classifier.
 
-Reference: Y. Wu, Y. Chen, L. Wang, Y. Ye, Z. Liu, Y. Guo and Y. Fu, "Large Scale Incremental
-Learning", CVPR 2019 (methods-spec section 6).
+Y. Wu, Y. Chen, L. Wang, Y. Ye, Z. Liu, Y. Guo and Y. Fu, "Large Scale Incremental Learning",
+CVPR 2019. With an exemplar memory the last layer favours the new classes. Stage 1 trains with CE
+and distillation on the data minus a small validation set V balanced over all seen classes; stage 2
+learns a two-parameter correction q = alpha_t o + beta_t of the new classes' logits on V alone.
 
-With an exemplar memory M the last layer favours the new classes, which have far more samples.
-BiC trains as usual, then learns a two-parameter linear correction of the new classes' logits on a
-small validation set V that is balanced over all seen classes.
+    L = lambda * KD_T(q_{1..n}(x), q_hat_{1..n}(x)) + (1 - lambda) * CE(q(x), y),   lambda = n / (n + m)
 
-Per task t > 1, with n old classes and m new ones:
-
-  Split.  From every seen class (each old class's exemplars and each new class's data) hold out the
-  same number v of samples as V; V never enters stage 1.  ``val_split = "paper"``: the exemplars
-  are split train/val 9:1, v = floor(val_ratio * m_old) with m_old the exemplars held per old
-  class; ``"pycil"``: v = int(val_ratio * K / n) with K the configured total budget (the same
-  number under a fixed total budget; under a per-class memory PyCIL still divides the total).
-
-  Stage 1 (conv + FC layers on (D_t U M) minus V; the corrections of earlier tasks are applied
-  in the forward pass and stay frozen, the current task's is the identity):
-
-      L = lambda * L_d + (1 - lambda) * L_c,        lambda = n / (n + m)
-      L_c = CE(q(x), y)                              over all n + m corrected logits q
-      L_d = -(1/B) sum_x sum_{k<=n} softmax(q_hat_{1..n}(x)/T)_k log softmax(q_{1..n}(x)/T)_k
-
-  where q_hat are the logits of the previous model *including its bias layers*, on the same
-  augmented batch, and T = 2 (no T^2 factor, as in the paper's L_d and in PyCIL).
-
-  Stage 2 (everything frozen, BatchNorm included, except the new pair (alpha_t, beta_t),
-  initialised to (1, 0)):
-
-      q_k = o_k                  for classes of earlier tasks (with their own frozen pairs)
-      q_k = alpha_t o_k + beta_t for the classes of task t
-      L_b = CE(q(x), y)          on V
-
-  ``stage2_double_softmax = true`` reproduces PyCIL's CE(softmax(q), y) instead.
-
-Afterwards the memory is rebuilt by herding; the teacher of the next task is the whole model, bias
-layers included.  The first task trains with plain CE and has no correction (alpha = 1, beta = 0).
-Inference: argmax of q, each task's block of logits with its own (alpha, beta).
+Losses, options and their sources: docs/methods/bic.md
 """
 
 from __future__ import annotations

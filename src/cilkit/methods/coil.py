@@ -1,36 +1,15 @@
-"""COIL: co-transport for class-incremental learning (Zhou, Ye, Zhan, ACM MM 2021).
+"""COIL: co-transport for class-incremental learning.
 
-Reference: Da-Wei Zhou, Han-Jia Ye, De-Chuan Zhan, "Co-Transport for Class-Incremental Learning",
-ACM Multimedia 2021, pp. 1645-1654 (arXiv 2107.12654); methods-spec section 11. Official code:
-zhoudw-zdw/MM21-Coil (``models/COIL.py``), the same as PyCIL's ``models/coil.py``. The paper's
-text was not at hand: where it is silent below, the official code is followed (marked [code]).
+Da-Wei Zhou, Han-Jia Ye, De-Chuan Zhan, "Co-Transport for Class-Incremental Learning", ACM
+Multimedia 2021, pp. 1645-1654 (arXiv 2107.12654). Official code: zhoudw-zdw/MM21-Coil
+(``models/COIL.py``), the same as PyCIL's ``models/coil.py``; where the paper (not at hand) would
+decide, the code is followed. A cosine classifier trains with CE and distillation on the new data
+plus the exemplars; optimal transport between class prototypes initialises the new rows from the old
+ones (prospective) and maps the new rows back onto the old classes to mimic the teacher (retrospective).
 
-Network: cosine classifier with one learnable scale sigma (PyCIL's ``SimpleCosineIncrementalNet``
-on a ResNet without its last ReLU), z_k(x) = sigma * cos(f(x), w_k). Memory: herding, fixed total.
+    L = (1 - lambda) CE(z, y) + lambda KD_T(z_old, g_old) + pt_weight w_PT(e) L_PT + rt_weight w_RT(e) L_RT
 
-Optimal transport between classes. Class prototypes p_c = normalise(mean_x normalise(f(x))) (eval
-mode, test transforms); cost Q_ij = ||p_i - p_j||_p, the Minkowski distance with p = norm_term = 3;
-plan T = Sinkhorn(a, b, Q, reg) with uniform marginals a, b (see ``transport_plan``).
-
-Task t > 1, with C_o old and C_n new classes, teacher g = frozen model after task t-1:
-
-* Prospective transport (PT), at the start of task t with the model after task t-1 (PyCIL does it
-  at the end of task t-1, which needs the next task's data early): T_PT = plan(old -> new),
-      W_hat = s * T_PT^T normalise(W_old),   s = |C_new| (normalized) or |C_old| (pycil),
-      gamma = mean_k ||W_old,k|| / mean_c ||W_hat,c||,  new rows <- gamma * W_hat.
-* Loss on batches of D_t U M, lambda = |C_o| / (|C_o| + |C_n|), e = epoch (0-based), E = epochs:
-      L = (1 - lambda) CE(z, y) + lambda KD_T(z_old, g_old)                      (KD without T^2)
-        + pt_weight * w_PT(e) * L_PT                                   (e = 0 only [code])
-        + rt_weight * w_RT(e) * L_RT                                   (e >= 1 [code])
-      L_PT = -(1/B) sum_x sum_c softmax(cos(f, W_hat)/T)_c log softmax(z_new/T)_c
-      L_RT = -(1/B) sum_x sum_k softmax(g_old(x)/T)_k log softmax(cos(f, W_retro)/T)_k
-      w_PT(e) = max(1 - (e/2)^2, 0),   w_RT(e) = (e/E)^2
-  where cos(f, W) uses unit rows and unit features and no sigma [code]. The target of L_PT is not
-  detached, as in the code. Retrospective transport (RT): every ``rt_every`` iterations of an epoch
-  (batch index % rt_every == 0), with the current model, T_RT = plan(new -> old) and
-      W_retro = s' * T_RT^T normalise(W_new)       (fixed until the next recomputation),
-  whose scale is irrelevant since only its directions enter L_RT.
-Task 1: CE only. Inference: argmax of the cosine logits; NME reported by the engine.
+Losses, options and their sources: docs/methods/coil.md
 """
 
 from __future__ import annotations
@@ -90,11 +69,9 @@ def class_prototypes(features: torch.Tensor, counts: list[int]) -> torch.Tensor:
 def transport_plan(cost: torch.Tensor, reg: float, marginals: str, n_old: int) -> torch.Tensor:
     """Entropic OT plan (n_src x n_dst) by POT's Sinkhorn-Knopp, in float64.
 
-    ``normalized``: a = 1/n_src, b = 1/n_dst (both sum to 1; the plan meets both).
-    ``pycil``: a = b = 1/n_old on every entry, as written in the official code. The masses differ
-    (unless n_src = n_dst), so Sinkhorn cannot meet both; POT's last update matches the rows, a, and
-    the columns end as b rescaled to a's mass: the normalized plan times sum(a), i.e. the same
-    transport up to a scale. POT's non-convergence warning is silenced in that mode.
+    ``normalized``: a = 1/n_src, b = 1/n_dst. ``pycil``: a = b = 1/n_old, as the official code; the
+    plan is then the normalized one times sum(a) (docs/methods/coil.md), and POT's non-convergence
+    warning is silenced.
     """
     M = cost.detach().double().cpu()
     n_src, n_dst = M.shape

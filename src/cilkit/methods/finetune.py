@@ -1,13 +1,13 @@
 """Finetune: the lower bound of class-incremental learning.
 
-Each task trains the same network on the new classes' data only, with no memory and no teacher,
-so old classes are forgotten (McCloskey & Cohen, 1989; the "Finetune" baseline of iCaRL,
-Rebuffi et al., CVPR 2017, and PyCIL). Loss on a batch of new data:
+The "Finetune" baseline of Rebuffi et al., "iCaRL: Incremental Classifier and Representation
+Learning", CVPR 2017, and of PyCIL (catastrophic forgetting: McCloskey & Cohen, 1989). Each task
+trains the same network on the new classes' data only, with no memory and no teacher, so the old
+classes are forgotten.
 
-    L = CE(z_{1:|C_{1:t}|}(x), y)                      (ce_mask = "all", the canonical form)
-    L = CE(z_{|C_{1:t-1}|+1 : |C_{1:t}|}(x), y - |C_{1:t-1}|)   (ce_mask = "new", PyCIL's variant)
+    L = CE(z_{1:|C_{1:t}|}(x), y)      (ce_mask: all; "new" takes the new classes' logits only, as PyCIL)
 
-With ``ce_mask: new`` the old rows of the classifier receive no gradient; only the backbone drifts.
+Losses, options and their sources: docs/methods/finetune.md
 """
 
 from __future__ import annotations

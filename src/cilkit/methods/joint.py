@@ -1,9 +1,12 @@
 """Joint training: the upper bound of class-incremental learning.
 
-At every task the network is trained on all the data of every class seen so far, with
-``L = CE(z(x), y)`` over all seen classes, so nothing is forgotten for lack of data ("Oracle" /
-"Joint" in iCaRL, PyCIL and the surveys). With ``reinit: true`` the network is trained from scratch
-at every task instead of continuing from the previous one.
+"Oracle" / "Joint" in iCaRL, PyCIL and the surveys. At every task the network is trained on all the
+data of every class seen so far, so nothing is forgotten for lack of data; ``reinit: true`` trains
+from scratch at every task instead of continuing from the previous one.
+
+    L = CE(z(x), y)    over all seen classes
+
+Losses, options and their sources: docs/methods/joint.md
 """
 
 from __future__ import annotations

@@ -1,36 +1,13 @@
-"""LwF: Learning without Forgetting (Li & Hoiem, ECCV 2016), in its class-incremental form.
+"""LwF: Learning without Forgetting, in its class-incremental form (one growing head, no exemplars).
 
-Reference: Z. Li and D. Hoiem, "Learning without Forgetting", ECCV 2016 (extended in IEEE TPAMI
-40(12), 2018). The class-incremental form with one growing head is the one of the iCaRL/PyCIL
-lineage (methods-spec 4.2/4.3); the original paper is task-incremental with one head per task.
+Z. Li and D. Hoiem, "Learning without Forgetting", ECCV 2016 (extended in IEEE TPAMI 40(12), 2018).
+Each task trains on the new data only; the network after the previous task, frozen, is a teacher
+whose old-class logits are distilled on the same batch. An optional warm-up trains the new rows
+first. The first task is plain CE; prediction is the argmax over all seen logits.
 
-No exemplars are kept. Before task t the network is frozen into a teacher g^{t-1}; on a batch of
-the new task's data only (labels y in C_new, |C_old| = n_old classes seen before t),
+    L = CE(z_{n_old+1..n_seen}(x), y - n_old) + lambda_kd * KD_T(z_{1..n_old}(x), g^{t-1}_{1..n_old}(x))
 
-    L = L_new + lambda * L_old
-
-    L_new = CE( z_{n_old+1 .. n_seen}(x), y - n_old )          ce_mask = "new"   (default)
-          = CE( z_{1 .. n_seen}(x), y )                        ce_mask = "all"
-
-    L_old = KD_T( z_{1..n_old}(x), g^{t-1}_{1..n_old}(x) )
-          = -(1/B) sum_x sum_{k <= n_old} softmax(g^{t-1}(x)/T)_k log softmax(z_{1..n_old}(x)/T)_k
-            (times T^2 when t2 = true)
-
-where z are the student's logits and the teacher's logits are taken on the same augmented batch,
-under no_grad, over the old classes only. The first task is plain cross-entropy.
-
-Why ce_mask = "new" is the default: in Li & Hoiem the new-task loss L_new is the cross-entropy of
-the *new head's* softmax, i.e. over the new classes only, and L_old covers the old heads. With one
-growing head, the faithful transcription is CE over the new-class logits plus KD over the old-class
-logits, which is also what PyCIL's ``models/lwf.py`` computes. CE over all seen logits
-(``ce_mask: all``) is the single-head variant in which the old rows are pushed down by the new data.
-
-Optional warm-up (Li & Hoiem Sec. 3, "warm-up step"): before joint training, the backbone and old
-rows are frozen (BatchNorm in eval mode) and only the new rows are trained with L_new for
-``warmup_epochs`` epochs. The paper trains it "until convergence" without an epoch count, and PyCIL
-has no warm-up, so the default is 0 [assumption].
-
-Prediction: argmax over all seen logits (no task id).
+Losses, options and their sources: docs/methods/lwf.md
 """
 
 from __future__ import annotations

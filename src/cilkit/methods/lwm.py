@@ -1,49 +1,13 @@
-"""LwM: Learning without Memorizing (Dhar et al., CVPR 2019).
+"""LwM: Learning without Memorizing.
 
-Reference: P. Dhar, R. V. Singh, K.-C. Peng, Z. Wu and R. Chellappa, "Learning without Memorizing",
-CVPR 2019 (arXiv:1811.08051); methods-spec section 12.
+P. Dhar, R. V. Singh, K.-C. Peng, Z. Wu and R. Chellappa, "Learning without Memorizing", CVPR 2019
+(arXiv:1811.08051). Exemplar-free: LwF's losses on the new data (CE on the new classes, distillation
+of the old logits) plus an attention distillation between the teacher's and the student's Grad-CAM
+maps, on the last convolutional map, for the teacher's top base class.
 
-Exemplar-free. Before task t > 0 the network is frozen into a teacher M_{t-1}; the student M_t
-starts from it with the new classes' rows added and trains on the new task's data only:
+    L = L_C + beta * KD_T(z_{1..n_old}, z^T_{1..n_old}) + gamma * (1/B) sum_x || Q_T/||Q_T||_2 - Q_S/||Q_S||_2 ||_1
 
-    L = L_C + beta * L_D + gamma * L_AD
-
-    L_C  = CE( z_{n_old+1 .. n_seen}(x), y - n_old )              ce_mask = "new" (default)
-         = CE( z_{1 .. n_seen}(x), y )                            ce_mask = "all"
-    L_D  = KD_T( z_{1..n_old}(x), z^T_{1..n_old}(x) )            distill = "kd"  (LwF's loss, T = 2)
-         = -(1/B) sum_x sum_{k<=n_old} softmax(z^T/T)_k log softmax(z/T)_k      (x T^2 if t2)
-         = mean BCE( sigmoid(z_{1..n_old}), sigmoid(z^T_{1..n_old}) )          distill = "bce" (Douillard)
-
-L_AD is the attention distillation loss. With A the last convolutional map (net(x)["maps"][-1],
-shape B x C x H x W, before pooling) and b the teacher's top base class, b = argmax_{k<=n_old} z^T_k(x),
-Grad-CAM (Selvaraju et al., ICCV 2017) gives for each model
-
-    alpha_k = (1/HW) sum_ij d z_b / d A_k,ij          Q = ReLU( sum_k alpha_k A_k )      (H x W)
-
-for the teacher (Q_T) and the student (Q_S), both for the same class b; then
-
-    L_AD = (1/B) sum_x || Q_T/||Q_T||_2 - Q_S/||Q_S||_2 ||_1       (maps vectorised, L2-normalised)
-
-The teacher's map is made a leaf that requires grad (its parameters stay frozen) so that its
-alpha can be taken with torch.autograd.grad. The student's Q_S is built on the training forward pass
-with create_graph=True, so L_AD's gradient flows through alpha_k (into the classifier) and through
-A_k (into the backbone): the exact form. ``gradcam_create_graph: false`` treats alpha_k as a
-constant (Douillard's detached gradients) while A_k still carries gradient. No Grad-CAM pass ever
-writes to a parameter's .grad (torch.autograd.grad, never .backward).
-
-The first task is plain cross-entropy. Prediction: argmax over all seen logits (no task id).
-LwM needs a convolutional backbone (the MLP has no maps) and an uncompiled one (train.compile
-hides d z / d A inside one autograd node): both are refused with a config error.
-
-What the paper leaves open, hence configurable: beta and gamma have no values in the paper (Eq. 3;
-FACIL's code notes the same). beta = 1 [assumption]. gamma = 0.3 [assumption]: the best of
-{0, 0.1, 0.3, 1} on the embedded ``digits`` protocol (76.6 against 68.8 for gamma = 1; gamma = 0 is
-LwF). With gamma = 1 the attention loss holds the representation so firmly that new classes are
-barely learnt (tin32-cpu: 11.4, below finetune; docs/results.md). The paper's L_D is LwF's
-distillation, with LwF's T = 2. Reference codes differ on the Grad-CAM class: FACIL takes each
-model's own argmax (``attention_class: own``), Douillard the student's argmax over the old classes
-(``attention_class: student``). FACIL's student map is computed under no_grad, so its L_AD trains
-nothing (methods-spec 12.7); that form is not offered.
+Losses, options and their sources: docs/methods/lwm.md
 """
 
 from __future__ import annotations
@@ -63,7 +27,7 @@ from cilkit.schema import param
 @dataclass
 class LwMHyper:
     beta: float = param(1.0, ge=0)  # weight of L_D; Dhar et al. Eq. 3 gives no value (FACIL's note too) [assumption]
-    gamma: float = param(0.3, ge=0)  # weight of L_AD; no value in the paper [assumption, chosen on digits, see docstring]
+    gamma: float = param(0.3, ge=0)  # weight of L_AD; no value in the paper [assumption, chosen on digits, see docs/methods/lwm.md]
     T: float = param(2.0, gt=0)  # L_D is LwF's distillation (Li & Hoiem 2016: T = 2); FACIL's LwM uses T = 2 (power 1/2)
     t2: bool = False  # no T^2 factor in LwF's L_old nor in FACIL's LwM
     distill: Literal["kd", "bce"] = "kd"  # "kd": LwF's softened CE (paper); "bce": Douillard's sigmoid BCE

@@ -1,36 +1,14 @@
-"""PODNet: Pooled Outputs Distillation (Douillard, Cord, Ollion, Robert, Valle, "PODNet: Pooled
-Outputs Distillation for Small-Tasks Incremental Learning", ECCV 2020).
+"""PODNet: pooled outputs distillation and a local similarity classifier.
 
-A ResNet without its last ReLU (signed embedding h) feeds a Local Similarity Classifier with K
-proxies per class (methods-spec section 9):
+Douillard, Cord, Ollion, Robert, Valle, "PODNet: Pooled Outputs Distillation for Small-Tasks
+Incremental Learning", ECCV 2020. Official code: arthurdouillard/incremental_learning.pytorch.
+A signed embedding feeds a classifier with K proxies per class (new proxies imprinted by k-means),
+trained with an NCA loss; the previous model's stage maps and embedding are distilled (POD-spatial,
+POD-flat); after each task the classifier is finetuned on the class-balanced memory.
 
-    s_{c,k} = < theta_{c,k}/||theta_{c,k}||, h/||h|| >,     yhat_c = sum_k softmax_k(s_{c,.})_k s_{c,k}
+    L = L_LSC + sqrt(|C_{1:t}| / |C_t|) * (lambda_c L_spatial + lambda_f L_flat)
 
-trained with the NCA loss with margin delta and learned scale eta,
-
-    L_LSC = [ -log( exp(eta (yhat_y - delta)) / sum_{i != y} exp(eta yhat_i) ) ]_+ .
-
-From the second task on, the frozen previous model (teacher, maps a_l and embedding h*) is
-distilled into the current one (maps b_l, embedding h) on every sample of D_t U M:
-
-    Phi(a)     = normalise( [ sum_h a^2 (C*W values) ; sum_w a^2 (C*H values) ] )
-    L_spatial  = (1/L) sum_l mean_batch || Phi(a_l) - Phi(b_l) ||_2      (the backbone's stage outputs)
-    L_flat     = mean_batch || h* - h ||_2
-    L          = L_LSC + lambda_c s L_spatial + lambda_f s L_flat,    s = sqrt(|C_{1:t}| / |C_t|)
-
-Per task t > 0: copy the teacher; imprint the new classes' proxies with the k-means centroids (K
-clusters) of the normalised features of each new class, scaled by the mean norm of the old proxies;
-train everything except the old proxies; then select the exemplars (herding) and finetune the
-classifier alone on the class-balanced memory with L_LSC. Inference: argmax of yhat (CNN), and NME.
-
-The hinge [.]_+ is recalled from the paper (``nca_hinge``). With the target out of the denominator
-the loss is a log-ratio whose derivative in eta is delta + E[yhat_i] - yhat_y > 0 until the target
-wins by delta, so a learned eta started at 1 falls through 0 and the predictions invert; by default
-the margin term eta*delta passes no gradient to eta (``eta_margin_grad``, an assumption of cilkit's).
-
-Deviation options (the official code, arthurdouillard/incremental_learning.pytorch, ``losses.nca``
-and ``podnet.py``): ``nca_compat`` (margin on every entry, so a no-op), ``flat_loss: cosine``,
-``similarity: neg_sq_distance``, ``grad_clamp: 5.0``. See docs/methods/podnet.md.
+Losses, options and their sources: docs/methods/podnet.md
 """
 
 from __future__ import annotations
@@ -55,7 +33,7 @@ class PODNetHyper:
     margin: float = 0.6  # NCA margin delta (official YAML nca.margin: 0.6)
     eta_init: float = param(1.0, gt=0)  # initial learned scale eta (official YAML learned_scaling initial_value: 1.0)
     learn_eta: bool = True  # eta is learned (paper Sec. 3.2; official postprocessor learned_scaling)
-    nca_hinge: bool = True  # [recalled] the paper's LSC loss is hinged, [.]_+ (not in methods-spec 9); code: off
+    nca_hinge: bool = True  # [recalled] the paper's LSC loss is hinged, [.]_+ (not in docs/spec.md §9); code: off
     eta_margin_grad: bool = False  # [assumption] eta gets no gradient through eta*delta (else eta collapses)
     nca_compat: bool = False  # True: official losses.nca (margin subtracted everywhere = no-op; positive slot zeroed)
     similarity: Literal["cosine", "neg_sq_distance"] = "cosine"  # paper: cosine; code: -||h-theta||^2 = 2cos-2

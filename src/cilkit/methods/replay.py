@@ -1,13 +1,13 @@
 """Replay (experience replay): finetuning on the new data plus a small exemplar memory.
 
-Per task (methods-spec section 3): grow the classifier, train all parameters on D_t U M with
+PyCIL's "Replay" baseline, with the herding selection of Rebuffi et al., "iCaRL: Incremental
+Classifier and Representation Learning", CVPR 2017 (Alg. 4). Each task trains all parameters on the
+new data and the exemplars mixed at random, then shrinks the old classes' exemplars and herds the
+new classes' with the model after the task; accuracy is reported for the head (CNN) and by NME.
 
-    L = CE(z(x), y)    over all seen classes, for new samples and exemplars alike,
+    L = CE(z(x), y)    over all seen classes, for new samples and exemplars alike
 
-then shrink the old classes' exemplars to the new quota and select the new classes' exemplars by
-herding with the model after the task (Rebuffi et al., iCaRL, CVPR 2017, Alg. 4). The batches mix
-D_t and M at random (PyCIL's "Replay"). Accuracy is reported for the classifier head and for the
-nearest-mean-of-exemplars classifier.
+Losses, options and their sources: docs/methods/replay.md
 """
 
 from __future__ import annotations

@@ -1,55 +1,15 @@
 """SPB, SPB-I and SPB-M: striking a balance between stability and plasticity, without exemplars.
 
-Reference: Guile Wu, Shaogang Gong, Pan Li, "Striking a Balance Between Stability and Plasticity for
-Class-Incremental Learning", ICCV 2021, pp. 1124-1133 (methods-spec section 14). No official code
-and no full text were found; the CVF abstract confirms the setting (no exemplars of old classes),
-the "cosine classifier framework and reciprocal adaptive weights" of the reformulated baseline SPB,
-and its two extensions, class-independent knowledge (SPB-I) and multi-perspective knowledge (SPB-M).
-The rest comes from a secondary summary of the paper: every value below tagged [assumption] is a
-documented choice, configurable through the Hyper dataclasses.
+Guile Wu, Shaogang Gong, Pan Li, "Striking a Balance Between Stability and Plasticity for
+Class-Incremental Learning", ICCV 2021, pp. 1124-1133. No official code and no full text were found;
+what the abstract does not confirm is a documented [assumption], configurable. SPB: a cosine
+classifier with prototype-initialised new rows, trained on the new data with reciprocal adaptive
+weights on CE and feature distillation. SPB-I adds a self-supervised loss (rotation or instance
+discrimination); SPB-M has one cosine classifier per rotation, ensembled at inference.
 
-SPB. A cosine classifier with a learnable scale s over the embedding f(x):
+    L = (N_n/N_o) L_ce + (N_o/N_n) (1/B) sum_x || f(x)/||f(x)|| - f_old(x)/||f_old(x)|| ||_2^2   (SPB-I: + mu L_ss)
 
-    z_k(x) = s * < w_k / ||w_k||, f(x) / ||f(x)|| >
-
-Task 1 trains with L = L_ce. At task t > 1, with N_o old and N_n new classes, on the new data only:
-
-* the extractor of task t-1 is frozen as the teacher f_old;
-* prototype initialisation: before training, each new class c gets the unit row
-      w_c = normalise( mean_{x in D_c} normalise(f(x)) )      (current extractor, eval, test transforms)
-* L = (N_n / N_o) * L_ce + (N_o / N_n) * L_em                  (reciprocal adaptive weights)
-      L_ce = CE( z_{N_o+1 .. N_o+N_n}(x), y - N_o )            ce_classes = "new" (default) [assumption]
-           = CE( z_{1 .. N_o+N_n}(x), y )                     ce_classes = "all" (spec 14.1's [assumption])
-      L_em = (1/B) sum_x || normalise(f(x)) - normalise(f_old(x)) ||_2^2
-  The weights are logged once per task; ``clip_weights`` = c clamps both to [1/c, c] (spec 14.6).
-  Why "new" is the default: with new-class data only, CE over every seen class pushes all old rows
-  away from the data and the old classes are lost even with a frozen extractor (digits: old-class
-  accuracy 0-4 %, average 46.2 = finetune's 45.7, also with 100x L_em), which cannot give the
-  paper's exemplar-free results; over the new classes (as LwF's L_new) the old rows keep their
-  direction and the cosine classifier compares old and new rows without a norm bias (digits: 63.0).
-
-SPB-I adds a self-supervised loss L_ss for class-independent knowledge, in every task:
-
-    L = (N_n / N_o) * L_ce + (N_o / N_n) * L_em + mu * L_ss          (task 1: L_ce + mu * L_ss)
-
-* ssl = "rotation" (default): the batch is stacked under 0/90/180/270 degrees (labels 0..3); the
-  backbone's pre-pooling map of the 4B images goes through an auxiliary head (2 residual BasicBlocks,
-  global average pooling, cosine classifier with 4 outputs) and L_ss = CE(head, rotation label).
-  One forward pass over the 4B images gives L_ss; L_ce and L_em use its upright quarter.
-* ssl = "instance": L_ss = InfoNCE (temperature tau) between the projections delta(f) (2-layer MLP)
-  of two views of each image; the second view is made from the augmented batch with tensor ops (a
-  random resized crop + flip per image, ``_spb_parts.second_view``), negatives are the other images.
-The auxiliary head is ``net.ssl_head`` (created in __init__, trained, unused at inference).
-
-SPB-M learns multi-perspective knowledge: gamma = 4 rotations, one cosine classifier per rotation
-(net.head for 0 degrees, ``net.rot_heads`` for 90/180/270; all predict the class over every seen class):
-
-    L    = (N_n / N_o) * L_mp + (N_o / N_n) * L_em                 (task 1: L_mp)
-    L_mp = (1/4) sum_{b=0..3} CE( z^(b)(rot_b(x)), y )            (each CE as L_ce: ce_classes)
-    L_em on the 0-degree view [assumption; distill_views: all = on the four views]
-
-Every perspective classifier gets prototype rows from the features of its own rotation. Inference
-[assumption]: p(y|x) = (1/4) sum_b softmax(z^(b)(rot_b(x))) ("ensemble"), or z^(0)(x) ("upright").
+Losses, options and their sources: docs/methods/spb.md
 """
 
 from __future__ import annotations
@@ -79,7 +39,7 @@ N_ROTATIONS = 4  # 0, 90, 180, 270 degrees (gamma = 4)
 def reciprocal_weights(n_old: int, n_new: int, clip: float | None = None) -> tuple[float, float]:
     """(w_ce, w_em) = (N_new / N_old, N_old / N_new); (1, 0) on the first task (no old classes).
 
-    ``clip`` = c keeps both weights in [1/c, c] (methods-spec 14.6: the ratios blow up with a small
+    ``clip`` = c keeps both weights in [1/c, c] (docs/spec.md §14.6: the ratios blow up with a small
     base task or with many old classes). The two stay reciprocal when both are clamped.
     """
     if n_old == 0:
@@ -117,25 +77,25 @@ def ensemble_probabilities(logits: list[torch.Tensor]) -> torch.Tensor:
 
 @dataclass
 class SPBHyper:
-    scale_init: float = param(16.0, gt=0)  # s of the cosine classifier: learnable, init 16 [assumption, spec 14.1]
-    learn_scale: bool = True  # s is learned as in UCIR [assumption, spec 14.1]; False keeps it at scale_init
+    scale_init: float = param(16.0, gt=0)  # s of the cosine classifier: learnable, init 16 [assumption, docs/spec.md §14.1]
+    learn_scale: bool = True  # s is learned as in UCIR [assumption, docs/spec.md §14.1]; False keeps it at scale_init
     prototype_init: bool = True  # new rows = normalised class means (paper, per the secondary summary)
     adaptive_weights: bool = True  # reciprocal weights N_n/N_o and N_o/N_n (paper abstract); False: both 1
-    clip_weights: float | None = param(None, ge=1)  # c: clamp both weights to [1/c, c] (spec 14.6 pitfall; not in the paper)
-    ce_mask: Literal["new", "all"] = "new"  # L_ce's softmax at t > 1 [assumption, see the module docstring]
+    clip_weights: float | None = param(None, ge=1)  # c: clamp both weights to [1/c, c] (docs/spec.md §14.6 pitfall; not in the paper)
+    ce_mask: Literal["new", "all"] = "new"  # L_ce's softmax at t > 1 [assumption, see docs/methods/spb.md]
 
 
 @dataclass
 class SPBIHyper(SPBHyper):
     ssl: Literal["rotation", "instance"] = "rotation"  # the two SSL tasks of the paper; rotation is the default variant
-    mu: float = 1.0  # weight of L_ss, not retrieved [assumption, spec 14.2]
+    mu: float = 1.0  # weight of L_ss, not retrieved [assumption, docs/spec.md §14.2]
     tau: float = param(0.5, gt=0)  # InfoNCE temperature (ssl: instance) [assumption: SimCLR's CIFAR value]
     proj_dim: int = param(128, ge=1)  # output size of the projection delta (ssl: instance) [assumption: SimCLR]
 
 
 @dataclass
 class SPBMHyper(SPBHyper):
-    inference: Literal["ensemble", "upright"] = "ensemble"  # mean softmax over the 4 rotated copies [assumption, spec 14.3]
+    inference: Literal["ensemble", "upright"] = "ensemble"  # mean softmax over the 4 rotated copies [assumption, docs/spec.md §14.3]
     distill_views: Literal["upright", "all"] = "upright"  # L_em on the 0-degree view or on all four [assumption]
 
 

@@ -1,49 +1,13 @@
-"""SS-IL: Separated Softmax for Incremental Learning (Ahn et al., ICCV 2021).
+"""SS-IL: Separated Softmax for Incremental Learning.
 
-Reference: H. Ahn, J. Kwak, S. Lim, H. Bang, H. Kim and T. Moon, "SS-IL: Separated Softmax for
-Incremental Learning", ICCV 2021 (methods-spec section 13). Official code:
-hongjoon0805/SS-IL-Official (``trainer/ssil.py``, ``main.py``, ``data_handler/incremental_loader.py``).
+H. Ahn, J. Kwak, S. Lim, H. Bang, H. Kim and T. Moon, "SS-IL: Separated Softmax for Incremental
+Learning", ICCV 2021. Official code: hongjoon0805/SS-IL-Official. New-class samples get a softmax
+over the new classes and exemplars one over the old classes; the previous model is distilled task
+by task; every mini-batch holds a fixed number of exemplars; task index t trains at lr / (t + 1).
 
-Why: with one softmax over all seen classes, the cross-entropy of the (many) new-class samples
-pushes every old logit down, which biases the classifier towards the new classes. SS-IL keeps the
-new and the old classes in separate softmaxes, distils the previous model task by task, and
-keeps a fixed share of exemplars in every mini-batch, so no post-hoc bias correction is needed.
+    L = L_CE-SS + sum_{s<t} T^2 KL( softmax(z^{t-1}_{C_s}(x)/T) || softmax(z_{C_s}(x)/T) )
 
-Task t > 1 (index t >= 1), n_old = |C_old| classes seen before it, C_s the classes of task s.
-Every mini-batch B holds B_new new-class samples and B_old exemplars (ratio-preserving replay):
-
-    L = L_CE-SS + L_TKD
-
-    L_CE-SS = ( sum_{(x,y) in B, y >= n_old} CE( z_{n_old..n_seen}(x), y - n_old )
-              + sum_{(x,y) in B, y <  n_old} CE( z_{0..n_old}(x),      y          ) ) / (B_new + B_old)
-
-    L_TKD   = sum_{s < t} T^2 * (1/|B|) sum_{x in B} KL( softmax(z^{t-1}_{C_s}(x)/T) || softmax(z_{C_s}(x)/T) )
-
-z: the student's logits; z^{t-1}: the frozen model after the previous task, on the same augmented
-batch, under no_grad. TKD runs on every sample of the batch, new and replayed, with one softmax
-per earlier task (``distill: global``, one softmax over all old classes, is the paper's "GKD"
-ablation). T = 2, no loss weights. The first task is plain CE over its logits.
-
-Schedule: the learning rate of task index t is lr / (t + 1) (official ``main.py``); epochs and
-milestones are the config's. Inference: plain argmax over all seen logits (the CNN figures are the
-headline; the engine also reports NME because a memory exists, which the paper does not claim).
-
-Batching (``epoch_batches``), from the indices ``train_indices`` gives (new data + memory, the
-shared default), split by label into new (y >= n_old) and exemplars (y < n_old):
-
-* ``epoch: new_data`` (default, the paper's "ratio-preserving mini-batches"): the epoch is one
-  shuffled pass over the new data in chunks of ``batch_size`` (ceil(n_new / B) batches; the last
-  may be short); every chunk gets ``replay_batch_size`` exemplars from a stream of reshuffled
-  passes over the memory, so exemplars are used equally often and the memory cycles as needed.
-* ``epoch: zip``: the official code. Its new-data loader is drop_last (floor(n_new / B) batches);
-  its replay loader is a shuffled, drop_last loader over a virtual dataset as long as the whole
-  training set whose item i is exemplar i mod |M|; the two are zipped (the epoch ends with the
-  shorter, which in practice is the new-data one). The first task is drop_last too.
-
-Memory (``memory_rule``): ``cilkit`` (default): the toolbox's memory as the protocol configures it
-(herding, shrinking by prefix). ``paper``: the official rule: a fixed total K, ceil(K / n_seen) per
-class, filled with the first samples of each class (store order, no herding), then one sample is
-dropped from each of the largest classes until exactly K remain (ties: the latest classes).
+Losses, options and their sources: docs/methods/ssil.md
 """
 
 from __future__ import annotations

@@ -1,41 +1,15 @@
 """UCIR / LUCIR: a unified cosine classifier learned incrementally, with rebalancing.
 
-Reference: Saihui Hou, Xinyu Pan, Chen Change Loy, Zilei Wang, Dahua Lin, "Learning a Unified
-Classifier Incrementally via Rebalancing", CVPR 2019 (methods-spec section 8). Official code:
-hshustc/CVPR19_Incremental_Learning.
+Saihui Hou, Xinyu Pan, Chen Change Loy, Zilei Wang, Dahua Lin, "Learning a Unified Classifier
+Incrementally via Rebalancing", CVPR 2019. Official code: hshustc/CVPR19_Incremental_Learning.
+A cosine classifier on a signed embedding; the new rows are imprinted from class means and the old
+rows frozen; a less-forget constraint on the normalised embedding and a margin ranking loss on the
+old-class samples; then class-balanced finetuning of the classifier on the exemplars.
 
-Network. The last block of the backbone has no ReLU, so the embedding f(x) is signed. The
-classifier is cosine-normalised with one learnable scale sigma shared by all classes:
+    L = CE(sigma * cos(x), y) + lambda * (1/B) sum_x [1 - cos(f*(x), f(x))] + w_mr * L_mr
+    lambda = lambda_base * sqrt(|C_o| / |C_n|)
 
-    z_k(x) = sigma * cos_k(x),    cos_k(x) = < w_k / ||w_k||, f(x) / ||f(x)|| >
-
-Task 1 trains on its data with L = CE(z(x), y). At each later task t, with C_o old and C_n new
-classes, the model f* after task t-1 is kept as a frozen teacher, then:
-
-* Imprinting. Each new class c gets the row
-
-      w_c = ( (1/|C_o|) sum_{k in C_o} ||w_k|| ) * normalise( mean_{x in D_c} normalise(f(x)) )
-
-  with the current model (eval mode, test transforms) over all training images of class c.
-* The old rows w_k, k in C_o, are frozen (an optimizer group with lr 0 and no weight decay,
-  as in the official code); the backbone, the new rows and sigma train.
-* On every batch of D_t U M (new data plus the exemplars):
-
-      L = CE(z(x), y) + lambda * L_dis + w_mr * L_mr
-
-      L_dis  = (1/B) sum_x [ 1 - < f*(x)/||f*(x)||, f(x)/||f(x)|| > ]      (every sample)
-      lambda = lambda_base * sqrt(|C_o| / |C_n|)                           (adaptive weight)
-      L_mr   = 1/(|H| K) sum_{x in H} sum_{k=1..K} max(0, m - cos_y(x) + cos_(k)(x))
-
-  H holds the samples of the batch whose label is an old class; cos_(k)(x) is the k-th largest
-  of the unscaled new-class cosines of x. m = 0.5, K = 2, w_mr = 1.
-* Class-balanced finetuning (CBF): the memory is updated first (herding; new classes reduced to
-  the per-class quota), then the class rows, old and new, are finetuned on this balanced set with
-  the backbone frozen (BatchNorm in eval mode) and sigma fixed, as in the official CBF script
-  (ft_flag 2). Its loss is CE + w_mr * L_mr: L_dis is constant when the backbone is frozen, so
-  it has no gradient there and is left out.
-
-Inference: CNN = argmax sigma*cos; NME over exemplar means (with flips) is reported by the engine.
+Losses, options and their sources: docs/methods/ucir.md
 """
 
 from __future__ import annotations
@@ -63,10 +37,10 @@ class UCIRHyper:
     K: int = param(2, ge=1)  # hard new-class negatives per old-class sample (official --K 2)
     margin: float = 0.5  # m (official --dist 0.5)
     mr_weight: float = param(1.0, ge=0)  # weight of L_mr (official --lw_mr 1)
-    # Cosine normalisation (paper); imprinting of the new rows (official code, methods-spec 8.2).
+    # Cosine normalisation (paper); imprinting of the new rows (official code, docs/spec.md §8.2).
     imprint: bool = True  # imprint the new rows (official --imprint_weights); False keeps a random init
     sigma_init: float = param(1.0, gt=0)  # initial learnable scale (official modified_linear fills sigma with 1)
-    # Class-balanced finetuning (paper's "CBF"; official cbf_class_incremental_cosine_*.py, methods-spec 8.5).
+    # Class-balanced finetuning (paper's "CBF"; official cbf_class_incremental_cosine_*.py, docs/spec.md §8.5).
     cbf: bool = True  # part of the full method in the paper's results [recalled]
     cbf_epochs: int = param(20, ge=0)  # official --ft_epochs 20
     cbf_lr: float = param(0.01, gt=0)  # official --ft_base_lr 0.01 (PODNet's UCIR config: 0.05, constant)

@@ -1,31 +1,14 @@
-"""WA: weight aligning (Zhao et al., CVPR 2020).
+"""WA: weight aligning.
 
-Reference: B. Zhao, X. Xiao, G. Gan, B. Zhang and S.-T. Xia, "Maintaining Discrimination and
-Fairness in Class Incremental Learning", CVPR 2020 (methods-spec section 7).
+B. Zhao, X. Xiao, G. Gan, B. Zhang and S.-T. Xia, "Maintaining Discrimination and Fairness in Class
+Incremental Learning", CVPR 2020. Trains with CE and distillation on the new data plus the
+exemplars, keeps the classifier's weights non-negative, and after each task rescales the new
+classes' weight vectors to the old classes' mean norm (no extra parameters, no validation set).
 
-Distillation keeps the old classes apart from each other, but after training on D_t U M the new
-classes' weight vectors have larger norms, which biases the predictions towards them. WA rescales
-the new classes' weight vectors so that their mean norm equals the old classes' one; it needs no
-extra parameters and no validation set.
+    L = (1 - lambda) CE(z(x), y) + lambda KD_T(z_{1..n}(x), z_hat_{1..n}(x));   W_new <- gamma W_new,
+    gamma = mean_{k old} ||W_k|| / mean_{k new} ||W_k||
 
-Per task t > 1, with n old classes and m new ones (n + m seen), on batches of D_t U M:
-
-    L = (1 - lambda) * CE(z(x), y) + lambda * KD_T(z_{1..n}(x), z_hat_{1..n}(x)),   lambda = n / (n + m)
-    KD_T(s, t) = -(1/B) sum_x sum_{k<=n} softmax(t/T)_k log softmax(s/T)_k,          T = 2 (no T^2)
-
-where z are the student's logits over all seen classes and z_hat the teacher's (the model after
-the previous task, aligned) on the same augmented batch. The first task is plain CE.
-
-Weight clipping: after every optimizer step, W <- max(W, 0) on the classifier weights (the paper;
-DER's WA clamps the classifier the same way; PyCIL does not clip: ``clip_weights: false``).
-
-Weight aligning, after training the task (before the memory update, so that herding, the NME means
-and the next teacher all see the aligned model):
-
-    gamma = mean_{k in old} ||W_k||_2 / mean_{k in new} ||W_k||_2,     W_k <- gamma W_k  for k in new.
-
-The paper's classifier has no bias (``fc_bias: false``); ``fc_bias: true`` is PyCIL's classifier,
-whose bias is not rescaled. Inference: argmax of the aligned logits.
+Losses, options and their sources: docs/methods/wa.md
 """
 
 from __future__ import annotations
@@ -47,7 +30,7 @@ log = logging.getLogger("cilkit")
 
 @dataclass
 class WAHyper:
-    T: float = param(2.0, gt=0)  # KD temperature T = 2 (methods-spec 7.3 [code]: PyCIL T = 2)
+    T: float = param(2.0, gt=0)  # KD temperature T = 2 (docs/spec.md §7.3 [code]: PyCIL T = 2)
     clip_weights: bool = True  # Zhao et al. 2020 (weight clipping): FC weights kept >= 0 [paper]; PyCIL does not clip
     fc_bias: bool = False  # Zhao et al. 2020: FC without bias (DER's config use_bias: False); True = PyCIL's FC
 

@@ -1,41 +1,15 @@
 """DER: Dynamically Expandable Representation.
 
-Reference: Shipeng Yan, Jiangwei Xie, Xuming He, "DER: Dynamically Expandable Representation for
-Class Incremental Learning", CVPR 2021 (methods-spec section 10). Official code (without masks,
-"DER w/o P"): Rhyssiyan/DER-ClassIL.pytorch.
+Shipeng Yan, Jiangwei Xie, Xuming He, "DER: Dynamically Expandable Representation for Class
+Incremental Learning", CVPR 2021. Official code (without masks, "DER w/o P"):
+Rhyssiyan/DER-ClassIL.pytorch. Each task freezes the previous extractors and appends a new one;
+a classifier over the concatenated features and an auxiliary classifier on the new extractor train
+on the new data plus the exemplars; optional channel masks prune the new extractor (``masks.py``);
+then the classifier is re-learnt alone on class-balanced data.
 
-Representation learning stage, at step t (classes C_{1:t}, n = |C_{1:t-1}| old ones):
+    L = CE(H_t(u(x)), y) + lambda_a CE(H_t^a(F_t(x)), y_a) + lambda_s L_S,   u(x) = [F_1(x); ...; F_t(x)]
 
-* The previous extractors F_1..F_{t-1} are frozen (no gradient, BatchNorm in eval mode at all
-  times) and a new extractor F_t, initialised from F_{t-1}, is appended. The super-feature is
-  u(x) = [F_1(x); ...; F_t(x)] (t*d dimensions).
-* A new classifier H_t: (t*d) -> |C_{1:t}|, the old weights copied into the old rows and columns.
-* An auxiliary classifier H_t^a on F_t(x) alone with |C_t| + 1 outputs (from t = 2 on): the old
-  classes are merged into class 0, new class c is c - n + 1.
-* On D_t U M:
-
-      L = CE(H_t(u(x)), y) + lambda_a * CE(H_t^a(F_t(x)), y_a) + lambda_s * L_S
-
-* Channel masks (option ``mask``): every conv/linear layer l of F_t has m_l = sigmoid(s e_l) on
-  its output channels; within each epoch s = 1/s_max + (s_max - 1/s_max)(b - 1)/(B - 1) at batch
-  b of B; the gradient of e_l is compensated to dL/dm_l * sigma(e_l)(1 - sigma(e_l)); and
-
-      L_S = sum_l K_l ||m_{l-1}||_1 ||m_l||_1 / sum_l K_l c_{l-1} c_l
-
-  with K_l the kernel size and c_l the channel counts (where a layer's input is a residual sum,
-  not a masked output, ||m_{l-1}||_1 is taken as c_{l-1}). After training, the masks are binarised
-  (m > 0.5) and the off channels pruned (zeroed; the count of the equivalent smaller network is
-  reported). lambda_s, s_max and the initial e_l are documented assumptions: the released code has
-  no masks and the sources at hand do not give them.
-
-Classifier learning stage (t > 1): the classifier is re-initialised and trained alone (all
-extractors frozen, in eval mode) on class-balanced data with CE(H_t(u(x)) / T, y), T = 5: by
-default, as the official code, D_t U M with every class cut at random to the smallest class's count.
-Then the memory is updated by herding under a fixed total budget. Inference: argmax H_t(u(x)).
-``classifier_stage: weight_align`` is PyCIL's DER (new rows rescaled to the old rows' mean norm).
-
-The parameter count of every task (dense, after pruning, trainable) is logged and kept in the
-method's state (``param_counts``).
+Losses, options and their sources: docs/methods/der.md
 """
 
 from __future__ import annotations

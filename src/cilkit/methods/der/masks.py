@@ -1,6 +1,8 @@
 """DER's channel masks (Yan, Xie, He, CVPR 2021, Sec. 3.2): m_l = sigmoid(s e_l) on the output channels
 of every conv/linear layer of the newest extractor, the annealing of s, the gradient compensation,
-the sparsity loss L_S and the pruning of the off channels. See docs/methods/der.md.
+the sparsity loss L_S and the pruning of the off channels.
+
+Losses, options and their sources: docs/methods/der.md
 """
 
 from __future__ import annotations
