@@ -93,3 +93,82 @@ def test_threads_option(tmp_path):
     finally:
         torch.set_num_threads(before)
     assert main(["run", "--threads", "0", "--run-dir", str(tmp_path / "x")]) == 2
+
+
+# -- run folders a user can trust ---------------------------------------------------------------
+
+RUN = ["--method", "finetune", "--scenario", "B6-Inc4", "--epochs", "1", "--set", "model.backbone=mlp", "--progress", "off"]
+
+
+def _run(tmp_path, name="r"):
+    assert main(["run", "--run-dir", str(tmp_path / name)] + RUN) == 0
+    return tmp_path / name
+
+
+def _figures(metrics):
+    return [{k: v for k, v in t.items() if "time" not in k and "seconds" not in k and "per_s" not in k} for t in metrics["tasks"]]
+
+
+def test_a_checkpoint_holding_code_is_refused(tmp_path, capsys):
+    import os
+
+    import torch
+
+    run = _run(tmp_path)
+    torch.save({"next_task": 1, "payload": os.getcwd}, run / "checkpoints" / "task_001.pt")
+    assert main(["run", "--resume", str(run), "--progress", "off"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "task_001.pt" in err and "not data" in err
+
+
+def test_an_unreadable_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    run = _run(tmp_path)
+    full = json.loads((run / "metrics.json").read_text())
+    (run / "checkpoints" / "task_001.pt").write_bytes(b"\x80garbage")
+    assert main(["run", "--resume", str(run), "--progress", "off"]) == 0
+    assert _figures(json.loads((run / "metrics.json").read_text())) == _figures(full)
+
+
+def test_resume_refuses_an_edited_config_and_flags_that_change_the_run(tmp_path, capsys):
+    run = _run(tmp_path)
+    (run / "checkpoints" / "task_001.pt").unlink()
+    assert main(["run", "--resume", str(run), "--epochs", "3"]) == 2
+    assert "--epochs" in capsys.readouterr().err
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace("lr: 0.05", "lr: 0.5"))
+    assert main(["run", "--resume", str(run), "--progress", "off"]) == 2
+    assert "is not the config" in capsys.readouterr().err
+
+
+def test_stale_temporaries_are_removed_and_a_second_process_is_refused(tmp_path):
+    from cilkit.results.rundir import RunDir, RunFolderError
+
+    run = _run(tmp_path)
+    (run / "checkpoints" / "task_001.pt").unlink()
+    stale = run / "checkpoints" / ".task_001.pt.abc123.tmp"
+    stale.write_bytes(b"x" * 1000)
+    holder = RunDir(run)
+    holder.lock()
+    try:
+        with pytest.raises(RunFolderError, match="in use by another cilkit process"):
+            cilkit.Experiment.resume(run, progress="off").execute()
+    finally:
+        holder.unlock()
+    assert not stale.exists()  # the holder cleaned it up
+    assert main(["run", "--resume", str(run), "--progress", "off"]) == 0
+
+
+def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path, monkeypatch, capsys):
+    from cilkit.driver import TaskDriver
+
+    original = TaskDriver.run_task
+
+    def interrupted(self, task):
+        if task.index == 1:
+            raise KeyboardInterrupt
+        return original(self, task)
+
+    monkeypatch.setattr(TaskDriver, "run_task", interrupted)
+    assert main(["run", "--run-dir", str(tmp_path / "r")] + RUN) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"cilkit run --resume {tmp_path / 'r'}" in err.strip().splitlines()[-1]

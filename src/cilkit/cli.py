@@ -67,7 +67,11 @@ def cmd_run(args) -> int:
     from cilkit.results.report import summary_text, task_table
 
     if args.resume:
-        exp = Experiment.resume(args.resume, progress=args.progress)
+        changes = [flag for flag, value in RESUME_REFUSED.items() if getattr(args, value) not in (None, False, [])]
+        if changes:
+            raise CilkitError(f"--resume continues {args.resume} as it was configured; refused: {', '.join(changes)} "
+                              "(only --device, --threads and --progress may change; start a new run to change the rest)")
+        exp = Experiment.resume(args.resume, progress=args.progress, device=args.device, threads=args.threads)
     else:
         layers = ([load_yaml(args.config)] if args.config else []) + [_cli_layer(args)]
         exp = Experiment(resolve(layers), args.run_dir, progress=args.progress)
@@ -75,11 +79,22 @@ def cmd_run(args) -> int:
         "%s on %s %s (%d tasks, %s) -> %s",
         exp.cfg.method, exp.cfg.data.dataset, exp.scenario.name, len(exp.scenario.tasks), exp.runtime.device, exp.run.path,
     )
-    metrics = exp.execute()
+    try:
+        metrics = exp.execute()
+    except KeyboardInterrupt:
+        done = exp.driver.next_task
+        print(f"\ncilkit: interrupted during task {done + 1}; {done} task(s) saved. Continue with: "
+              f"cilkit run --resume {exp.run.path}", file=sys.stderr)
+        return 130
     print(task_table(metrics))
     print(summary_text(metrics))
     print(f"results: {exp.run.path}")
     return 0
+
+
+RESUME_REFUSED = {"--config": "config", "--method": "method", "--dataset": "dataset", "--data-root": "data_root",
+                  "--download": "download", "--scenario": "scenario", "--memory": "memory", "--epochs": "epochs",
+                  "--seed": "seed", "--run-dir": "run_dir", "--set": "set"}
 
 
 def cmd_methods(args) -> int:
@@ -144,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     except CilkitError as e:
         print(f"cilkit: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ncilkit: interrupted", file=sys.stderr)
+        return 130
     finally:
         log.removeHandler(handler)
         log.setLevel(saved[0])

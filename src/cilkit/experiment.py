@@ -8,6 +8,8 @@ created and before any training: the run folder holds only complete files.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -27,7 +29,7 @@ from cilkit.models.network import build_network
 from cilkit.presets import load_yaml, merge_layers
 from cilkit.results.plots import plot_run
 from cilkit.results.report import metrics_csv
-from cilkit.results.rundir import RunDir, atomic_write_text
+from cilkit.results.rundir import CheckpointError, RunDir, RunFolderError, atomic_write_text
 from cilkit.schema import from_dict
 from cilkit.training.context import TrainingContext
 from cilkit.training.loop import TrainingDiverged
@@ -111,6 +113,12 @@ def build_driver(cfg: Config, scenario: Scenario, progress: str = "auto") -> Tas
     return TaskDriver(method, runtime, scenario, topk=cfg.eval.topk, nme_flip=nme_flip, seed=cfg.seed)
 
 
+def config_digest(config: dict) -> str:
+    """SHA-256 of a run's config without the settings that may change on resume (device, threads)."""
+    kept = {k: v for k, v in config.items() if k not in ("device", "threads")}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def schedule_text(cfg: Config, n_tasks: int) -> str:
     """The resolved training schedule in one line: the first task's, then the later tasks' if different."""
 
@@ -156,6 +164,7 @@ class Experiment:
         self.run = RunDir(run_dir or default_run_dir(cfg, self.scenario))
         self.driver = build_driver(cfg, self.scenario, progress)
         self.resumed = False
+        self.digest: str | None = None
 
     @property
     def method(self) -> Method:
@@ -170,18 +179,42 @@ class Experiment:
         return cls(resolve(layers), run_dir, progress)
 
     @classmethod
-    def resume(cls, run_dir: str | Path, progress: str = "auto") -> Experiment:
-        """Continue the run in ``run_dir`` after its last finished task."""
+    def resume(cls, run_dir: str | Path, progress: str = "auto", device: str | None = None, threads: int | None = None) -> Experiment:
+        """Continue the run in ``run_dir`` after its last finished task (on ``device`` / ``threads`` if given).
+
+        The config must be the one the checkpoints were written with (its digest is in each); an
+        unreadable checkpoint falls back to the previous one, which is then continued.
+        """
         run = RunDir(run_dir)
         if not run.exists():
             raise CilkitError(f"cannot resume: {run.config_path} does not exist (not a cilkit run folder)")
-        cfg = check(from_dict(Config, run.read_config()))
-        exp = cls(cfg, run_dir, progress)
-        exp.resumed = True
-        ckpt = run.latest_checkpoint()
-        if ckpt is not None:
-            exp.driver.load_state_dict(run.load_checkpoint(ckpt))
+        try:
+            raw = run.read_config()
+        except Exception as e:
+            raise RunFolderError(f"cannot resume: {run.config_path} cannot be read ({type(e).__name__})") from None
+        digest = config_digest(raw)
+        raw.update({k: v for k, v in {"device": device, "threads": threads}.items() if v is not None})
+        exp = cls(check(from_dict(Config, raw)), run_dir, progress)
+        exp.resumed, exp.digest = True, digest
+        for ckpt in run.checkpoints():
+            try:
+                state = run.load_checkpoint(ckpt)
+            except CheckpointError as e:
+                if "not data" in str(e):
+                    raise
+                log.warning("%s; trying the previous checkpoint", e)
+                continue
+            if state.get("config_sha256") not in (None, digest):
+                raise RunFolderError(
+                    f"cannot resume: {run.config_path} is not the config that {ckpt.name} was trained with (edited, or the "
+                    f"checkpoint is from another run); restore it, or start a new run with --config {run.config_path}")
+            try:
+                exp.driver.load_state_dict(state)
+            except (RuntimeError, KeyError, ValueError, TypeError) as e:
+                raise CheckpointError(f"checkpoint {ckpt} does not fit this run's model, method or scenario "
+                                      f"({str(e).splitlines()[0]})") from None
             log.info("resuming %s after task %d (%s)", run.path, exp.driver.next_task, ckpt.name)
+            break
         return exp
 
     def resolved_config(self) -> dict:
@@ -196,11 +229,19 @@ class Experiment:
         if self.run.exists() or self.run.metrics_path.exists() or self.run.latest_checkpoint() is not None:
             raise CilkitError(f"run folder {self.run.path} already holds a run: use --resume {self.run.path} or another --run-dir")
         self.run.write_config(self.resolved_config())
+        self.digest = config_digest(self.run.read_config())
 
     def execute(self) -> dict:
         """Train every remaining task; after each, a checkpoint, metrics.json and accuracy.png."""
-        if not self.resumed:
-            self.start()
+        self.run.lock()
+        try:
+            if not self.resumed:
+                self.start()
+            return self._execute()
+        finally:
+            self.run.unlock()
+
+    def _execute(self) -> dict:
         if log.getEffectiveLevel() > logging.INFO:
             log.setLevel(logging.INFO)
         handler = _attach_log(self.run)
@@ -215,7 +256,7 @@ class Experiment:
                     kept = self.run.latest_checkpoint()
                     raise TrainingDiverged(f"{e}; the run folder keeps {'the checkpoint ' + kept.name if kept else 'no checkpoint'}"
                                            f" ({self.run.path})") from None
-                self._save(lambda: self.run.save_checkpoint(task.index, self.driver.state_dict()), task)
+                self._save(lambda: self.run.save_checkpoint(task.index, {**self.driver.state_dict(), "config_sha256": self.digest}), task)
                 self._save(self._write_results, task)
             if not self.driver.remaining_tasks() and not self.run.metrics_path.exists():
                 self._write_results()

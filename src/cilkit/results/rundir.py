@@ -11,8 +11,10 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -69,6 +71,10 @@ _json_log = logging.getLogger("cilkit")
 
 class RunFolderError(CilkitError):
     """The run folder cannot be created, written or read as a run."""
+
+
+class CheckpointError(RunFolderError):
+    """A checkpoint cannot be read as a cilkit checkpoint."""
 
 
 class RunDir:
@@ -159,5 +165,65 @@ class RunDir:
         found = [(int(m.group(1)), p) for p in self.checkpoint_dir.iterdir() if (m := self.CHECKPOINT_RE.search(p.name))]
         return max(found)[1] if found else None
 
+    def checkpoints(self) -> list[Path]:
+        """The checkpoints of the run, newest first."""
+        if not self.checkpoint_dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.checkpoint_dir.iterdir() if (m := self.CHECKPOINT_RE.search(p.name))]
+        return [p for _, p in sorted(found, reverse=True)]
+
     def load_checkpoint(self, path: Path) -> dict:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        """A checkpoint, loaded as data only (``weights_only=True``: tensors and plain types, no code)."""
+        try:
+            with warnings.catch_warnings():  # random bytes make torch warn about the pickle protocol first
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"checkpoint {path} holds objects that are not data (refused, nothing of it was run): "
+                                  f"{str(e).splitlines()[0]}") from None
+        except Exception as e:  # truncated, empty, random bytes: torch raises several kinds
+            raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'empty'})") from None
+        if not isinstance(state, dict) or "next_task" not in state:
+            raise CheckpointError(f"checkpoint {path} is not a cilkit checkpoint (no task state)")
+        return state
+
+    # -- one process per run folder ---------------------------------------------------------------
+
+    def lock(self) -> None:
+        """Hold the run folder for this process (``.lock``); a second process on it is refused."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / ".lock", "a+")  # noqa: SIM115 - held until unlock()
+        try:
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # no fcntl (Windows): no lock
+            pass
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "?"
+            handle.close()
+            raise RunFolderError(f"run folder {self.path} is in use by another cilkit process (pid {owner})") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._lock = handle
+        self.remove_stale_temporaries()
+
+    def unlock(self) -> None:
+        handle = self.__dict__.pop("_lock", None)
+        if handle is not None:
+            handle.close()
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Remove the temporary files an interrupted atomic write left (only safe while holding the lock)."""
+        removed = []
+        for folder in (self.path, self.checkpoint_dir):
+            if folder.is_dir():
+                for p in folder.glob(".*.tmp"):
+                    p.unlink(missing_ok=True)
+                    removed.append(p)
+        if removed:
+            _json_log.info("removed %d temporary file(s) left by an interrupted write in %s", len(removed), self.path)
+        return removed
