@@ -1,4 +1,4 @@
-"""Class-incremental metrics (methods-spec 1.4), all in percent.
+"""Class-incremental metrics (docs/spec.md §1.4), all in percent.
 
 ``R[t][j]`` is the accuracy after task ``t`` on the test samples of task ``j`` (``j <= t``),
 predicting over every class seen so far. ``A_t`` is the accuracy after task ``t`` on all seen test

@@ -1,6 +1,6 @@
 """The exemplar memory: which training samples of each seen class are kept, in priority order.
 
-Two budgets (methods-spec 1.5): a fixed total ``K`` shared equally by the seen classes
+Two budgets (docs/spec.md §1.5): a fixed total ``K`` shared equally by the seen classes
 (``m = K // n_seen``; old classes shrink to a prefix of their ranked list), or a fixed number per
 class. Exemplars are stored as indices into the training split; the images stay in the store.
 """
