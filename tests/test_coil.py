@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import tiny_cfg
+from tiny import FakeContext, assert_complete_run, open_task, smoke_run, tiny_driver
 
 import cilkit
 from cilkit.data.scenario import Task
 from cilkit.errors import ConfigError
-from cilkit.methods.base import frozen_copy
+from cilkit.methods.base import Teacher
 from cilkit.methods.coil import (
     COIL,
     COILHyper,
@@ -30,7 +30,7 @@ from cilkit.models.network import build_network
 
 def _method(hidden=4, **hp):
     net = build_network("mlp", (1, 8, 8), hidden=[hidden], **COIL.backbone_options)
-    return COIL(COIL.parse_args(hp), net, engine=None)
+    return COIL(COIL.parse_args(hp), net, FakeContext())
 
 
 def _two_tasks(m, n_old=3, n_new=2):
@@ -135,15 +135,21 @@ def test_pt_and_rt_weight_schedules():
     assert rt_schedule(1, 160) == pytest.approx(1 / 160**2)
 
 
-def test_train_mode_counts_epochs_and_after_step_counts_batches():
-    m = _method()
-    _two_tasks(m)
-    m.epoch, m.batch = -1, 0
-    m.train_mode()
-    m.after_step(), m.after_step()
-    assert (m.epoch, m.batch) == (0, 2)
-    m.train_mode()
-    assert (m.epoch, m.batch) == (1, 0) and m.net.training
+def test_the_loss_reads_epoch_and_step_from_the_loop():
+    """The loop publishes where it is (``ctx.at``); COIL's loss sees the epoch, the step and the epochs."""
+    d = tiny_driver("coil")
+    m = d.method
+    task = open_task(d, 0)
+    assert m.at is m.ctx.at
+    seen, loss = [], m.loss
+
+    def recording(x, y):
+        seen.append((m.at.epoch, m.at.step, m.at.epochs, m.net.training))
+        return loss(x, y)
+
+    idx = d.runtime.train_data.indices_of(task.classes)[:64]
+    m.fit(m.param_groups(task), idx, m.stage(task).replace(batch_size=32), recording)
+    assert seen == [(0, 0, 2, True), (0, 1, 2, True), (1, 0, 2, True), (1, 1, 2, True)]
 
 
 # -- the loss -------------------------------------------------------------------------------------------
@@ -154,11 +160,11 @@ def _prepared(**hp):
     torch.manual_seed(0)
     m = _method(hidden=6, **hp)
     t1 = _two_tasks(m)
-    m.teacher = frozen_copy(m.net)
+    m.teacher = Teacher(m.net)
     with torch.no_grad():
         for p in m.net.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    m.epochs = 10
+    m.ctx.at.epochs = 10
     x, y = torch.randn(5, 1, 8, 8), torch.tensor([0, 3, 4, 1, 3])
     return m, t1, x, y
 
@@ -180,7 +186,7 @@ def test_loss_without_transports_is_ce_plus_kd():
     m, _, x, y = _prepared(use_pt=False, use_rt=False)
     expected, *_ = _by_hand(m, x, y)
     for epoch in (0, 5):
-        m.epoch, m.batch = epoch, 0  # batch 0 would recompute an RT plan if RT were on
+        m.ctx.at.epoch, m.ctx.at.step = epoch, 0  # step 0 would recompute an RT plan if RT were on
         assert torch.allclose(m.loss(x, y), expected, atol=1e-5)
 
 
@@ -189,12 +195,12 @@ def test_epoch0_adds_the_pt_term_and_later_epochs_the_weighted_rt_term():
     m.W_hat = torch.randn(2, 6)
     m.W_retro = torch.randn(3, 6)
     base, f_unit, z, z_old = _by_hand(m, x, y)
-    m.epoch, m.batch = 0, 1
+    m.ctx.at.epoch, m.ctx.at.step = 0, 1
     target = torch.softmax(f_unit @ F.normalize(m.W_hat, dim=1).t() / 2, dim=1)
     l_pt = -(target * torch.log_softmax(z[:, 3:] / 2, dim=1)).sum(1).mean()
     assert torch.allclose(pt_loss(f_unit, m.W_hat, z[:, 3:], 2.0), l_pt)
     assert torch.allclose(m.loss(x, y), base + 1e-3 * l_pt, atol=1e-6)
-    m.epoch, m.batch = 4, 1  # not a multiple of rt_every: W_retro is kept
+    m.ctx.at.epoch, m.ctx.at.step = 4, 1  # not a multiple of rt_every: W_retro is kept
     p = torch.softmax(z_old / 2, dim=1)
     l_rt = -(p * torch.log_softmax(f_unit @ F.normalize(m.W_retro, dim=1).t() / 2, dim=1)).sum(1).mean()
     assert torch.allclose(rt_loss(f_unit, m.W_retro, z_old, 2.0), l_rt)
@@ -205,13 +211,13 @@ def test_epoch0_adds_the_pt_term_and_later_epochs_the_weighted_rt_term():
 def test_rt_plan_is_recomputed_every_rt_every_batches():
     m, _, x, y = _prepared(rt_every=3)
     calls = []
-    m.retrospective_transport = lambda: calls.append(m.batch) or torch.randn(3, 6)
-    m.epoch = 1
+    m.retrospective_transport = lambda: calls.append(m.at.step) or torch.randn(3, 6)
+    m.ctx.at.epoch = 1
     for b in range(7):
-        m.batch = b
+        m.ctx.at.step = b
         m.loss(x, y)
     assert calls == [0, 3, 6]
-    m.epoch, m.batch = 0, 0  # no RT in epoch 0
+    m.ctx.at.epoch, m.ctx.at.step = 0, 0  # no RT in epoch 0
     m.loss(x, y)
     assert calls == [0, 3, 6]
 
@@ -232,16 +238,25 @@ def test_prospective_transport_writes_the_calibrated_rows_into_the_new_block():
 def test_coil_has_a_learnable_cosine_head_and_checks_rt_every():
     m = _method()
     assert isinstance(m.net.head, CosineLinear) and isinstance(m.net.head.sigma, torch.nn.Parameter)
-    assert COIL.needs_memory
+    assert COIL.memory_use == "required"
     with pytest.raises(ConfigError) as e:
         _method(rt_every=0)
     assert "rt_every" in e.value.field
 
 
-def test_end_to_end_on_digits(tmp_path):
-    exp = cilkit.Experiment(tiny_cfg("coil"), tmp_path / "r", progress="off")
-    metrics = exp.execute()
-    s = metrics["summary"]
-    assert metrics["complete"]
-    assert all(math.isfinite(s[k]) for k in ("avg_incremental_accuracy", "last_accuracy", "nme_avg_incremental_accuracy"))
-    assert s["avg_incremental_accuracy"] > 20.0
+def test_rt_every_is_checked_at_resolve_before_any_data(monkeypatch):
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was read")
+
+    monkeypatch.setattr("cilkit.experiment.load_dataset", no_data)
+    with pytest.raises(ConfigError) as e:
+        cilkit.resolve([{"method": "coil", "method_args": {"rt_every": 0}}])
+    assert e.value.field == "method_args.rt_every"
+
+
+def test_smoke_run(tmp_path):
+    metrics, exp = smoke_run(tmp_path, "coil")
+    assert_complete_run(metrics, nme=True)
+    m = exp.method
+    assert len(m.gammas) == 1 and m.gammas[0] > 0  # one prospective transport, at the second task
+    assert m.W_hat is None and m.W_retro is None and m.rt_indices == []  # per-task state cleared

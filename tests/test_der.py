@@ -7,26 +7,18 @@ import math
 
 import pytest
 import torch
-from tiny import SMALL_CONVNET, tiny_cfg
+from tiny import SMALL_CONVNET, FakeContext, assert_complete_run, open_task, smoke_run, tiny_cfg, tiny_driver
 
-import cilkit
 from cilkit.data.scenario import Task
-from cilkit.methods._der_parts import (
-    BINARY,
-    PRUNED,
-    MaskedExtractor,
-    align_new_rows,
-    anneal_s,
-    aux_targets,
-)
-from cilkit.methods.der import DER
+from cilkit.methods.der import DER, align_new_rows, aux_targets
+from cilkit.methods.der.masks import BINARY, PRUNED, MaskedExtractor, anneal_s
 from cilkit.models.backbones import MLP, ConvNet, ResNet
 from cilkit.models.network import build_network
 
 
 def _method(hidden=4, **hp):
     net = build_network("mlp", (1, 8, 8), hidden=[hidden])
-    return DER(DER.parse_args(hp), net, engine=None)
+    return DER(DER.parse_args(hp), net, FakeContext())
 
 
 def _grow(m, index, start, stop):
@@ -88,13 +80,12 @@ def test_mask_annealing_schedule_by_hand():
     assert anneal_s(0, 1, 4.0) == 4.0
     m = _method(hidden=3, mask=True, s_max=4.0)
     _grow(m, 0, 0, 2)
-    m._n_batches = 5
-    m.train_mode()  # resets the batch counter at every epoch
+    m.ctx.at.steps = 5  # the loop's position in the epoch: s anneals over its 5 steps
     seen = []
-    for _ in range(5):
+    for step in range(5):
+        m.ctx.at.step = step
         m.loss(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 0, 1]))
         seen.append(m.extractors[0].masks[0].s)
-        m.after_step()
     assert seen == pytest.approx([0.25, 1.1875, 2.125, 3.0625, 4.0])
 
 
@@ -189,21 +180,29 @@ def test_pruned_parameter_counts_by_hand():
 
 
 def test_warmup_epochs_come_out_of_the_task_schedule():
-    cfg = tiny_cfg("der", {"warmup_epochs": 2, "warmup_first_task": False}, train={"epochs": 5, "first_epochs": 4})
-    eng = cilkit.Experiment(cfg, "unused", progress="off").engine
-    t0, t1 = eng.scenario.tasks[:2]
-    assert eng.method.stage(t0).epochs == 4 and eng.method.stage(t1).epochs == 3
+    d = tiny_driver("der", {"warmup_epochs": 2, "warmup_first_task": False}, train={"epochs": 5, "first_epochs": 4})
+    t0, t1 = d.scenario.tasks[:2]
+    assert d.method.stage(t0).epochs == 4 and d.method.stage(t1).epochs == 3
 
 
-def test_old_extractor_stays_frozen_in_eval_mode_and_relearning_moves_only_the_classifier(tmp_path):
-    cfg = tiny_cfg("der", {"relearn_epochs": 2}, model=SMALL_CONVNET)
-    eng = cilkit.Experiment(cfg, tmp_path / "r", progress="off").engine
-    m = eng.method
-    t0, t1 = eng.scenario.tasks[:2]
-    eng.run_task(t0)
-    m.task = t1
-    m.grow(t1)
-    m.before_task(t1)
+def _record_fits(m):
+    """Record the keyword arguments of every ``fit`` call the method makes (and still run it)."""
+    calls, fit = [], m.ctx.fit
+
+    def recording(groups, indices, stage, loss, **hooks):
+        calls.append({"groups": groups, "indices": indices, "stage": stage, **hooks})
+        return fit(groups, indices, stage, loss, **hooks)
+
+    m.ctx.fit = recording
+    return calls
+
+
+def test_old_extractor_stays_frozen_in_eval_mode_and_relearning_moves_only_the_classifier():
+    d = tiny_driver("der", {"relearn_epochs": 2}, model=SMALL_CONVNET)
+    m = d.method
+    t0, t1 = d.scenario.tasks[:2]
+    d.run_task(t0)
+    open_task(d, 1)
     old = {k: v.clone() for k, v in m.extractors[0].state_dict().items()}
     modes = []
 
@@ -211,57 +210,64 @@ def test_old_extractor_stays_frozen_in_eval_mode_and_relearning_moves_only_the_c
         modes.append((m.extractors[0].training, m.extractors[1].training, m.net.head.training))
         return m.loss(x, y)
 
-    eng.fit(m.param_groups(t1), m.train_indices(t1), m.stage(t1), recording_loss)  # 2 epochs
+    m.fit(m.param_groups(t1), m.train_indices(t1), m.stage(t1), recording_loss)  # 2 epochs, DER's train mode
     assert len(modes) > 2 and set(modes) == {(False, True, True)}
     assert all(torch.equal(v, m.extractors[0].state_dict()[k]) for k, v in old.items())  # incl. BN buffers
     assert all(p.grad is None for p in m.extractors[0].parameters())
     assert not torch.equal(m.extractors[1].stages[0][0].weight, m.extractors[0].stages[0][0].weight)
 
     subset = m.balanced_subset(t1)
-    counts = torch.bincount(eng.train_data.labels[subset].cpu(), minlength=t1.stop)
+    counts = torch.bincount(d.runtime.train_data.labels[subset].cpu(), minlength=t1.stop)
     assert len(set(counts.tolist())) == 1 and counts[0] == 60 // t0.stop  # the old quota: the smallest class
     backbone = {k: v.clone() for k, v in m.net.backbone.state_dict().items()}
     head = m.net.head.weight.detach().clone()
+    fits = _record_fits(m)
     m.after_task(t1)  # classifier re-learning, then the memory update
     assert all(torch.equal(v, m.net.backbone.state_dict()[k]) for k, v in backbone.items())
     assert not torch.equal(m.net.head.weight.detach(), head)
     assert {len(v) for v in m.memory.exemplars.values()} == {60 // t1.stop}
+    (fit,) = fits  # the re-learning: the classifier alone, every module in eval mode
+    assert {id(p) for g in fit["groups"] for p in g["params"]} == {id(p) for p in m.net.head.parameters()}
+    assert fit["stage"].epochs == 2
+    m.net.train()
+    fit["train_mode"]()
+    assert not any(mod.training for mod in m.net.modules())
 
 
-def test_resume_round_trip_after_two_tasks(tmp_path):
-    cfg = tiny_cfg("der", {"relearn_epochs": 2, "mask": True, "sparsity_weight": 5.0})
-    eng = cilkit.Experiment(cfg, tmp_path / "a", progress="off").engine
-    for t in eng.scenario.tasks[:2]:
-        eng.run_task(t)
+def test_resume_round_trip_after_two_tasks():
+    args = {"relearn_epochs": 2, "mask": True, "sparsity_weight": 5.0}
+    d = tiny_driver("der", args)
+    for t in d.scenario.tasks[:2]:
+        d.run_task(t)
     buf = io.BytesIO()
-    torch.save(eng.state_dict(), buf)
+    torch.save(d.state_dict(), buf)
     buf.seek(0)
-    eng2 = cilkit.Experiment(cfg, tmp_path / "b", progress="off").engine
-    eng2.load_state_dict(torch.load(buf, weights_only=False))
-    sd, sd2 = eng.net.state_dict(), eng2.net.state_dict()
+    d2 = tiny_driver("der", args)
+    state = torch.load(buf, weights_only=False)
+    assert state.keys() == d.state_dict().keys()
+    d2.load_state_dict(state)
+    sd, sd2 = d.net.state_dict(), d2.net.state_dict()
     assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd if isinstance(sd[k], torch.Tensor))
-    assert [mk.mode for e in eng2.method.extractors for mk in e.masks] == [PRUNED] * 2 * len(eng.method.extractors[0].masks)
-    assert eng2.method.param_counts == eng.method.param_counts and len(eng2.method.param_counts) == 2
-    assert not any(p.requires_grad for p in eng2.method.extractors[0].parameters())
-    t1 = eng.scenario.tasks[1]
-    assert eng2.evaluate(t1)["cnn"]["top1"] == eng.evaluate(t1)["cnn"]["top1"]
-    eng2.run_task(eng.scenario.tasks[2])
-    assert len(eng2.method.extractors) == 3 and eng2.net.feature_dim == 3 * 64
+    assert d2.method.state_dict().keys() == d.method.state_dict().keys()
+    assert d2.memory.exemplars.keys() == d.memory.exemplars.keys()
+    assert all(torch.equal(d2.memory.exemplars[c], d.memory.exemplars[c]) for c in d.memory.exemplars)
+    assert [mk.mode for e in d2.method.extractors for mk in e.masks] == [PRUNED] * 2 * len(d.method.extractors[0].masks)
+    assert d2.method.param_counts == d.method.param_counts and len(d2.method.param_counts) == 2
+    assert not any(p.requires_grad for p in d2.method.extractors[0].parameters())
+    t1 = d.scenario.tasks[1]
+    assert d2.evaluate(t1)["cnn"]["top1"] == d.evaluate(t1)["cnn"]["top1"]
+    d2.run_task(d.scenario.tasks[2])
+    assert len(d2.method.extractors) == 3 and d2.net.feature_dim == 3 * 64
 
 
-def test_end_to_end_on_digits(tmp_path):
-    cfg = tiny_cfg("der", {"relearn_epochs": 2})
-    exp = cilkit.Experiment(cfg, tmp_path / "r", progress="off")
-    metrics = exp.execute()
-    s = metrics["summary"]
-    assert metrics["complete"] and len(metrics["tasks"]) == 5
-    for key in ("avg_incremental_accuracy", "last_accuracy", "nme_avg_incremental_accuracy"):
-        assert math.isfinite(s[key]) and 0 <= s[key] <= 100
-    assert (tmp_path / "r" / "metrics.json").is_file()
-    counts = exp.engine.method.state_dict()["param_counts"]
-    assert [c["extractors"] for c in counts] == [1, 2, 3, 4, 5]
+def test_smoke_run(tmp_path):
+    metrics, exp = smoke_run(tmp_path, "der", {"relearn_epochs": 2})
+    assert_complete_run(metrics, nme=True)
+    counts = exp.method.state_dict()["param_counts"]
+    assert [c["extractors"] for c in counts] == [1, 2]
     assert all(b["params"] > a["params"] for a, b in itertools.pairwise(counts))
     assert all(c["params_pruned"] == c["params"] for c in counts)  # no masks by default
+    assert [t["extractors"] for t in metrics["tasks"]] == [1, 2]  # recorded with each task
 
 
 def test_resumed_run_equals_the_uninterrupted_run(run_cut_and_resumed):

@@ -7,10 +7,12 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import FakeContext, assert_complete_run, smoke_run
 
 import cilkit.methods.lwf as lwf_module
-from cilkit import Experiment, resolve
+from cilkit import resolve
 from cilkit.data.scenario import Task
+from cilkit.methods.base import Teacher
 from cilkit.methods.icarl import ICaRL, bce_targets
 from cilkit.methods.lwf import LwF
 from cilkit.models.network import build_network
@@ -29,7 +31,15 @@ class FixedLogits(torch.nn.Module):
         return {"logits": self.logits}
 
 
-def _method(cls, args=None, second_task=True, engine=None):
+def _open(m, task):
+    """Start ``task`` as the driver does: grow, the teacher (from the second task on), ``before_task``."""
+    m.task = task
+    m.grow(task)
+    m.start_task(task)
+    m.before_task(task)
+
+
+def _method(cls, args=None, second_task=True, ctx=None):
     """A method on a small MLP, after task 0 and (by default) after ``before_task`` of task 1.
 
     The student is then perturbed, so that student and teacher differ. Returns the method, the
@@ -37,14 +47,10 @@ def _method(cls, args=None, second_task=True, engine=None):
     """
     torch.manual_seed(0)
     net = build_network("mlp", (1, 4, 4), hidden=[8])
-    m = cls(cls.parse_args(args or {}), net, engine)
-    m.task = TASK0
-    m.grow(TASK0)
-    m.before_task(TASK0)
+    m = cls(cls.parse_args(args or {}), net, ctx or FakeContext())
+    _open(m, TASK0)
     if second_task:
-        m.task = TASK1
-        m.grow(TASK1)
-        m.before_task(TASK1)
+        _open(m, TASK1)
     snapshot = copy.deepcopy(net)
     with torch.no_grad():
         for p in net.parameters():
@@ -72,7 +78,7 @@ def test_lwf_kd_by_hand_on_old_columns_only(t2, expected):
     m, _, x, _ = _method(LwF, {"t2": t2})
     # teacher softmax(t/2) over the old columns = (3/4, 1/4); the student is uniform: KD = ln 2 (x T^2).
     # The teacher's new columns (99) must be ignored.
-    m.teacher = FixedLogits(torch.tensor([[2 * math.log(3), 0.0, 99.0, 99.0]]))
+    m.teacher = Teacher(FixedLogits(torch.tensor([[2 * math.log(3), 0.0, 99.0, 99.0]])))
     student = torch.tensor([[0.0, 0.0, 5.0, -5.0]])
     assert m.old_loss(student, x[:1]).item() == pytest.approx(expected, rel=1e-6)
 
@@ -116,24 +122,25 @@ def test_lwf_first_task_is_plain_cross_entropy():
 def test_lwf_warm_up_trains_only_the_new_rows_with_the_backbone_frozen():
     calls = []
 
-    def fit(groups, indices, stage, loss_fn, desc=""):
-        calls.append((groups, stage.epochs, m._backbone_frozen, loss_fn(x, torch.tensor([2, 3]))))
+    def fit(groups, indices, stage, loss, train_mode, **hooks):
+        calls.append((groups, stage.epochs, train_mode, loss(x, torch.tensor([2, 3]))))
         return {}
 
-    engine = types.SimpleNamespace(
-        cfg=resolve([{"train": {"epochs": 4}}]),
-        memory=None,
+    ctx = FakeContext(
+        stage=resolve([{"train": {"epochs": 4}}]).train.stage(1),
         fit=fit,
         train_data=types.SimpleNamespace(indices_of=lambda classes: torch.arange(4)),
     )
-    m, _, x, _ = _method(LwF, {"warmup_epochs": 3}, second_task=False, engine=engine)
+    m, _, x, _ = _method(LwF, {"warmup_epochs": 3}, second_task=False, ctx=ctx)
     x = x[:2]
-    m.task = TASK1
-    m.grow(TASK1)
-    m.before_task(TASK1)
-    ((groups, epochs, frozen, loss),) = calls
-    assert epochs == 3 and frozen and not m._backbone_frozen
+    _open(m, TASK1)
+    ((groups, epochs, train_mode, loss),) = calls
+    assert epochs == 3
     assert {id(p) for p in groups[0]["params"]} == {id(p) for p in m.net.head.blocks[1].parameters()}
+    train_mode()  # the warm-up's mode: the backbone frozen (BatchNorm in eval mode), the head training
+    assert m.net.head.training and not any(mod.training for mod in m.net.backbone.modules())
+    m.train_mode()  # the task's own training afterwards: everything trains
+    assert all(mod.training for mod in m.net.modules())
     new = m.net(x)["logits"][:, 2:]
     assert loss.item() == pytest.approx(F.cross_entropy(new, torch.tensor([0, 1])).item())  # L_new only
 
@@ -191,21 +198,19 @@ def test_icarl_softmax_kd_is_ce_plus_kd():
 def test_no_gradient_reaches_the_teacher(cls, args):
     m, _, x, y = _method(cls, args)
     m.loss(x, y).backward()
-    teacher = list(m.teacher.parameters())
+    teacher = list(m.teacher.module.parameters())
     assert teacher and all(not p.requires_grad and p.grad is None for p in teacher)
-    assert not m.teacher.training
+    assert not m.teacher.module.training
     grads = [p.grad for p in m.net.parameters()]
     assert all(g is not None for g in grads)  # backbone, old rows (distillation) and new rows
     assert all(g.abs().sum() > 0 for g in grads)
 
 
 @pytest.mark.parametrize("method", ["lwf", "icarl"])
-def test_digits_smoke_run_writes_finite_metrics(tmp_path, method):
-    layer = {"method": method, "model": {"backbone": "mlp", "hidden": [64]}, "train": {"epochs": 2}, "memory": {"size": 60}}
-    metrics = Experiment(resolve([layer]), tmp_path / "r", progress="off").execute()
-    s = metrics["summary"]
-    assert metrics["complete"] and math.isfinite(s["avg_incremental_accuracy"])
-    assert ("nme_avg_incremental_accuracy" in s) == (method == "icarl")
-    if method == "icarl":
-        assert math.isfinite(s["nme_avg_incremental_accuracy"])
-        assert all(t["memory_size"] <= 60 for t in metrics["tasks"])
+def test_smoke_run(tmp_path, method):
+    metrics, exp = smoke_run(tmp_path, method)
+    assert_complete_run(metrics, nme=method == "icarl")
+    assert (exp.driver.memory is None) == (method == "lwf")
+    assert all(t["memory_size"] <= 60 for t in metrics["tasks"])
+    if method == "lwf":
+        assert all(t["memory_size"] == 0 for t in metrics["tasks"])

@@ -1,11 +1,11 @@
 """LwM: Grad-CAM and the attention distillation loss by hand, gradients, the teacher, config checks."""
 
 import copy
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import FakeContext, assert_complete_run, smoke_run
 from torch import nn
 
 import cilkit
@@ -14,6 +14,7 @@ from cilkit.errors import ConfigError
 from cilkit.losses import kd_loss
 from cilkit.methods.lwm import LwM, attention_distillation, grad_cam, selected
 from cilkit.models.network import IncrementalNet, build_network
+from cilkit.presets import load_yaml
 
 TASK0, TASK1 = Task(0, 0, 2), Task(1, 2, 4)  # two old classes, then two new ones
 
@@ -31,18 +32,22 @@ class OneConv(nn.Module):
         return {"features": a.mean(dim=(2, 3)), "maps": [a]}
 
 
+def _open(m, task):
+    """Start ``task`` as the driver does: grow, the teacher (from the second task on), ``before_task``."""
+    m.task = task
+    m.grow(task)
+    m.start_task(task)
+    m.before_task(task)
+
+
 def _method(args=None, second_task=True, backbone=None):
     """LwM after task 0 and (by default) ``before_task`` of task 1, the student then perturbed."""
     torch.manual_seed(0)
     net = IncrementalNet(backbone) if backbone is not None else build_network("convnet", (1, 8, 8), widths=[4, 6])
-    m = LwM(LwM.parse_args(args or {}), net, None)
-    m.task = TASK0
-    m.grow(TASK0)
-    m.before_task(TASK0)
+    m = LwM(LwM.parse_args(args or {}), net, FakeContext())
+    _open(m, TASK0)
     if second_task:
-        m.task = TASK1
-        m.grow(TASK1)
-        m.before_task(TASK1)
+        _open(m, TASK1)
     snapshot = copy.deepcopy(net).eval()  # as the teacher: eval mode (BatchNorm running statistics)
     with torch.no_grad():
         for p in net.parameters():
@@ -85,9 +90,9 @@ def test_teacher_grad_cam_uses_the_teachers_top_old_class_and_leaves_it_untouche
     assert torch.equal(b, snapshot(x)["logits"][:, :2].argmax(1)) and torch.equal(b, b_student)
     q = grad_cam(selected(old, b), fmap)
     assert torch.allclose(q, _hand_cam(snapshot, x, b), atol=1e-6)
-    assert all(not p.requires_grad and p.grad is None for p in m.teacher.parameters())
-    # the hook is removed afterwards: a plain teacher forward records nothing
-    assert not m.teacher(x)["maps"][-1].requires_grad
+    assert all(not p.requires_grad and p.grad is None for p in m.teacher.module.parameters())
+    # the hook is removed afterwards: a plain forward of the frozen copy, with grad enabled, records nothing
+    assert not m.teacher.module(x)["maps"][-1].requires_grad
 
 
 def test_attention_class_options():
@@ -124,7 +129,7 @@ def test_attention_loss_trains_the_student_through_maps_and_alpha():
     assert all(g is not None for g in backbone_grads) and sum(g.abs().sum() for g in backbone_grads) > 0
     # create_graph=True: alpha_k = w_{b,k}/HW carries gradient into the old rows of the classifier
     assert m.net.head.blocks[0].weight.grad.abs().sum() > 0
-    assert all(p.grad is None for p in m.teacher.parameters())
+    assert all(p.grad is None for p in m.teacher.module.parameters())
 
 
 def test_attention_loss_without_create_graph_treats_alpha_as_a_constant():
@@ -137,9 +142,7 @@ def test_attention_loss_without_create_graph_treats_alpha_as_a_constant():
 
 def test_attention_loss_is_zero_with_zero_gradient_when_student_equals_teacher():
     m, _, x, _ = _method(second_task=False)
-    m.task = TASK1
-    m.grow(TASK1)
-    m.before_task(TASK1)  # the teacher is an exact copy of the student
+    _open(m, TASK1)  # the teacher is an exact copy of the student
     m.net.eval()
     loss = _attention_only(m, x)
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
@@ -159,7 +162,7 @@ def test_loss_is_ce_plus_beta_kd_plus_gamma_ad_and_leaves_no_grad_behind():
     expected = ce + 0.7 * kd_loss(s[:, :2], t, 2.0) + 1.3 * m.attention_loss(out, old, fmap).detach()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     loss.backward()
-    assert all(p.grad is None for p in m.teacher.parameters())
+    assert all(p.grad is None for p in m.teacher.module.parameters())
 
 
 def test_bce_distillation_and_ce_over_all():
@@ -180,24 +183,25 @@ def test_first_task_is_plain_cross_entropy():
 # -- configuration and end to end ------------------------------------------------------------------
 
 
-def test_memory_budget_is_refused():
+@pytest.mark.parametrize("budget", [{"size": 100}, {"per_class": 20}])
+def test_memory_budget_is_refused(budget):
     with pytest.raises(ConfigError) as e:
-        cilkit.resolve([{"method": "lwm", "memory": {"size": 100}}])
-    assert e.value.field == "memory.size"
+        cilkit.resolve([{"method": "lwm", "memory": budget}])
+    assert e.value.field == f"memory.{next(iter(budget))}" and "keeps no exemplars" in e.value.message
 
 
 def test_protocol_presets_drop_the_protocol_memory():
     for protocol in ("digits", "fmnist", "tin32-cpu"):
-        layer = cilkit.config.load_yaml(f"protocols/{protocol}/lwm")
+        layer = load_yaml(f"protocols/{protocol}/lwm")
         assert layer["method"] == "lwm" and layer["memory"]["size"] is None
-    cfg = cilkit.resolve([cilkit.config.load_yaml("protocols/digits/lwm")])
+    cfg = cilkit.resolve([load_yaml("protocols/digits/lwm")])
     assert cfg.method == "lwm" and cfg.memory.size is None
 
 
 def test_mlp_backbone_is_refused_before_training():
     with pytest.raises(ConfigError) as e:
         cilkit.resolve([{"method": "lwm", "model": {"backbone": "mlp"}, "data": {"dataset": "digits"}}])
-    assert e.value.field == "model.backbone" and "convolutional" in e.value.message
+    assert e.value.field == "model.backbone" and "has no convolutional feature maps" in e.value.message
 
 
 def test_compiled_backbone_is_refused_before_training():
@@ -206,16 +210,8 @@ def test_compiled_backbone_is_refused_before_training():
     assert e.value.field == "train.compile"
 
 
-def test_end_to_end_on_digits(tmp_path):
-    layer = {
-        "method": "lwm",
-        "data": {"dataset": "digits"},
-        "scenario": {"name": "B0-Inc5"},
-        "model": {"backbone": "convnet", "widths": [8, 16]},
-        "train": {"epochs": 2},
-    }
-    metrics = cilkit.Experiment(cilkit.resolve([layer]), tmp_path / "r", progress="off").execute()
-    s = metrics["summary"]
-    assert metrics["complete"] and math.isfinite(s["avg_incremental_accuracy"])
-    assert "nme_avg_incremental_accuracy" not in s
-    assert all(t["memory_size"] == 0 for t in metrics["tasks"])
+def test_smoke_run(tmp_path):
+    metrics, exp = smoke_run(tmp_path, "lwm")
+    assert_complete_run(metrics, nme=False)
+    assert exp.driver.memory is None and all(t["memory_size"] == 0 for t in metrics["tasks"])
+    assert exp.method.teacher is None  # dropped after the last task

@@ -6,36 +6,38 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import FakeContext, assert_complete_run, smoke_run
 from torch import nn
 
 import cilkit
 from cilkit.data.scenario import Task
 from cilkit.errors import ConfigError
-from cilkit.methods._spb_parts import (
-    RotationHead,
-    embedding_distillation,
-    info_nce,
-    reciprocal_weights,
-    rotations,
-    second_view,
-)
-from cilkit.methods.spb import SPB, SPBI, SPBM
+from cilkit.losses import embedding_distillation
+from cilkit.losses.contrastive import info_nce
+from cilkit.methods.spb import SPB, SPBI, SPBM, reciprocal_weights, rotations, second_view
 from cilkit.models.backbones import BasicBlock
-from cilkit.models.heads import CosineLinear
+from cilkit.models.heads import CosineLinear, RotationHead
 from cilkit.models.network import build_network
 
 T0, T1 = Task(0, 0, 2), Task(1, 2, 4)
 
 
 def _method(cls, backbone="mlp", shape=(1, 8, 8), hidden=2, **hp):
-    """A method on a tiny network without an engine (the tests feed it hand-made features)."""
+    """A method on a tiny network with a fake context (the tests feed it hand-made features)."""
     net = build_network(backbone, shape, hidden=[hidden], widths=[4, 8, 8])
-    return cls(cls.parse_args(hp), net, engine=None)
+    return cls(cls.parse_args(hp), net, FakeContext())
 
 
 def _start(m, task):
     m.task = task
     m.grow(task)
+
+
+def _open(m, task):
+    """Start ``task`` as the driver does: grow, the teacher (from the second task on), ``before_task``."""
+    _start(m, task)
+    m.start_task(task)
+    m.before_task(task)
 
 
 # -- SPB ----------------------------------------------------------------------------------------------
@@ -61,6 +63,18 @@ def test_reciprocal_weights_follow_the_class_ratios_and_the_clip():
     assert e.value.field == "method_args.clip_weights"
 
 
+def test_clip_weights_below_one_is_refused_at_resolve_before_any_data(monkeypatch):
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was read")
+
+    monkeypatch.setattr("cilkit.experiment.load_dataset", no_data)
+    for method in ("spb", "spb-i", "spb-m"):
+        with pytest.raises(ConfigError) as e:
+            cilkit.resolve([{"method": method, "method_args": {"clip_weights": 0.5}}])
+        assert e.value.field == "method_args.clip_weights"
+    assert cilkit.resolve([{"method": "spb", "method_args": {"clip_weights": 1.0}}]).method_args == {"clip_weights": 1.0}
+
+
 def test_embedding_distillation_by_hand():
     f_new = torch.tensor([[3.0, 4.0], [1.0, 0.0]], requires_grad=True)
     f_old = torch.tensor([[8.0, 6.0], [0.0, 2.0]], requires_grad=True)
@@ -83,6 +97,7 @@ def test_prototypes_initialise_the_new_rows_and_the_weights_are_set(caplog):
     }
     m.class_features = lambda c: feats[c]
     with caplog.at_level(logging.INFO, logger="cilkit"):
+        m.start_task(T1)
         m.before_task(T1)
     new = m.net.head.blocks[1].detach()
     assert torch.allclose(new[0], torch.tensor([1.0, 1.0]) / math.sqrt(2), atol=1e-6)
@@ -96,12 +111,12 @@ def test_loss_is_ce_on_the_first_task_then_the_weighted_sum():
     torch.manual_seed(0)
     m = _method(SPB, hidden=8)
     x, y0 = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 0, 1, 1, 0])
-    _start(m, T0)
-    m.before_task(T0)
+    _open(m, T0)
     assert m.loss(x, y0).item() == pytest.approx(F.cross_entropy(m.net(x)["logits"], y0).item())
     t1 = Task(1, 2, 5)  # 2 old, 3 new: w_ce = 3/2, w_em = 2/3
     _start(m, t1)
     m.class_features = lambda c: torch.randn(4, 8)
+    m.start_task(t1)
     m.before_task(t1)
     with torch.no_grad():
         for p in m.net.backbone.parameters():
@@ -111,9 +126,9 @@ def test_loss_is_ce_on_the_first_task_then_the_weighted_sum():
     l_em = ((F.normalize(f, dim=1) - F.normalize(f_old, dim=1)) ** 2).sum(1).mean()
     assert l_em > 1e-4
     logits = m.net.head(f)
-    expected = 1.5 * F.cross_entropy(logits[:, 2:], y - 2) + (2 / 3) * l_em  # ce_classes: new (default)
+    expected = 1.5 * F.cross_entropy(logits[:, 2:], y - 2) + (2 / 3) * l_em  # ce_mask: new (default)
     assert m.loss(x, y).item() == pytest.approx(expected.item(), rel=1e-5)
-    m.hp.ce_classes = "all"
+    m.hp.ce_mask = "all"
     expected = 1.5 * F.cross_entropy(logits, y) + (2 / 3) * l_em
     assert m.loss(x, y).item() == pytest.approx(expected.item(), rel=1e-5)
 
@@ -147,8 +162,7 @@ def test_rotation_head_sees_the_prepooling_map_with_rotation_labels():
     assert isinstance(head, RotationHead) and sum(isinstance(b, BasicBlock) for b in head.blocks) == 2
     assert head.classifier.n_classes == 4
     assert any(p is head.classifier.sigma for p in m.param_groups(T0)[0]["params"])  # trained with the net
-    _start(m, T0)
-    m.before_task(T0)
+    _open(m, T0)
     m.net.eval()  # BatchNorm in eval mode: the same map whatever the batch
     seen = {}
     hook = head.register_forward_hook(lambda mod, inp, out: seen.update(maps=inp[0], out=out))
@@ -165,11 +179,10 @@ def test_rotation_head_sees_the_prepooling_map_with_rotation_labels():
 def test_rotation_ssl_needs_a_conv_backbone_but_instance_discrimination_does_not():
     with pytest.raises(ConfigError) as e:
         cilkit.resolve([{"method": "spb-i", "model": {"backbone": "mlp"}}])
-    assert e.value.field == "model.backbone"
+    assert e.value.field == "model.backbone" and "has no convolutional feature maps" in e.value.message
     cilkit.resolve([{"method": "spb-i", "model": {"backbone": "mlp"}, "method_args": {"ssl": "instance"}}])
     m = _method(SPBI, ssl="instance", hidden=8)
-    _start(m, T0)
-    m.before_task(T0)
+    _open(m, T0)
     assert torch.isfinite(m.loss(torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 0, 1, 0, 1])))
 
 
@@ -201,7 +214,7 @@ def test_one_classifier_per_rotation_with_distinct_parameters_restorable_on_resu
     assert "rot_heads.2.blocks.1" in state
     fresh = _method(SPBM)
     for t in (T0, T1):
-        _start(fresh, t)  # what the engine replays on resume
+        _start(fresh, t)  # what the driver replays on resume
     fresh.net.load_state_dict(state)
     assert torch.equal(fresh.net.rot_heads[0].weight, m.net.rot_heads[0].weight)
 
@@ -212,6 +225,7 @@ def test_every_perspective_classifier_gets_prototypes_of_its_rotation():
         _start(m, t)
     rows = {(c, k): F.normalize(torch.randn(2), dim=0) for c in (2, 3) for k in range(4)}
     m.perspective_features = lambda c, k: torch.stack([3.0 * rows[c, k], 0.5 * rows[c, k]])
+    m.start_task(T1)
     m.before_task(T1)
     for k, head in enumerate(m.classifiers()):
         assert torch.allclose(head.blocks[1].detach(), torch.stack([rows[2, k], rows[3, k]]), atol=1e-6)
@@ -243,7 +257,7 @@ def test_ensemble_inference_averages_the_softmax_of_each_rotation_classifier():
     out = m.inference(x)
     assert torch.allclose(out["logits"].exp()[0], expected, atol=1e-6)
     assert not torch.allclose(expected, F.softmax(sum(logits) / 4, dim=0), atol=1e-3)  # not a mean of logits
-    assert torch.equal(out["features"], x.flatten(1))  # the 0-degree features for the engine
+    assert torch.equal(out["features"], x.flatten(1))  # the 0-degree features for the driver (NME)
     m.hp.inference = "upright"
     assert torch.allclose(m.inference(x)["logits"][0], logits[0], atol=1e-6)
 
@@ -251,8 +265,7 @@ def test_ensemble_inference_averages_the_softmax_of_each_rotation_classifier():
 def test_multi_perspective_loss_is_the_mean_ce_of_the_four_classifiers():
     torch.manual_seed(0)
     m = _method(SPBM, backbone="convnet")
-    _start(m, T0)
-    m.before_task(T0)
+    _open(m, T0)
     m.net.eval()
     x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 1, 0])
     ces = [
@@ -261,21 +274,14 @@ def test_multi_perspective_loss_is_the_mean_ce_of_the_four_classifiers():
     assert m.loss(x, y).item() == pytest.approx((sum(ces) / 4).item(), rel=1e-5)
 
 
-# -- end to end -----------------------------------------------------------------------------------------
+# -- smoke runs -----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("method", ["spb", "spb-i", "spb-m"])
-def test_end_to_end_on_digits(method, tmp_path, caplog):
-    layer = {
-        "method": method,
-        "data": {"dataset": "digits"},
-        "model": {"backbone": "convnet"},
-        "scenario": {"name": "B0-Inc5"},
-        "train": {"epochs": 1},
-    }
+def test_smoke_run(method, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="cilkit"):
-        metrics = cilkit.Experiment(cilkit.resolve([layer]), tmp_path / "r", progress="off").execute()
-    assert metrics["complete"] and len(metrics["tasks"]) == 2
-    assert all(math.isfinite(t["cnn"]["top1"]) and t["memory_size"] == 0 for t in metrics["tasks"])
-    assert math.isfinite(metrics["summary"]["avg_incremental_accuracy"])
+        metrics, exp = smoke_run(tmp_path, method)
+    assert_complete_run(metrics, nme=False)
+    assert exp.driver.memory is None and all(t["memory_size"] == 0 for t in metrics["tasks"])
     assert sum("w_ce" in r.getMessage() for r in caplog.records) == 2  # logged once per task
+    assert (exp.method.w_ce, exp.method.w_em) == (1.0, 1.0)  # 5 old, 5 new classes at the second task

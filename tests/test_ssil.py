@@ -2,44 +2,31 @@
 
 import math
 from collections import Counter
-from functools import lru_cache
 
 import pytest
 import torch
-from tiny import tiny_cfg
+from tiny import assert_complete_run, open_task, smoke_run, tiny_driver
 
 import cilkit
 from cilkit.data.scenario import Task
-from cilkit.engine.trainer import Engine
 from cilkit.errors import ConfigError
-from cilkit.experiment import build_scenario
-from cilkit.methods.ssil import paper_memory, separated_ce, task_wise_kd
+from cilkit.memory.exemplars import ceil_trim_first
+from cilkit.methods.ssil import separated_ce, task_wise_kd
 
 
-def _cfg(method_args=None, **over):
-    return tiny_cfg("ssil", method_args, **over)
+def _driver(method_args=None, **sections):
+    return tiny_driver("ssil", method_args, **sections)
 
 
-@lru_cache(maxsize=1)
-def _scenario():
-    return build_scenario(_cfg())
-
-
-def _engine(method_args=None, **over):
-    return Engine(_cfg(method_args, **over), _scenario(), progress="off")
-
-
-def _at_task1(eng, per_class=25):
-    """The engine at task 1 (grown, teacher made) with a hand-filled memory of the task-0 classes."""
-    m, data = eng.method, eng.train_data
-    t0, t1 = eng.scenario.tasks[:2]
-    for task in (t0, t1):
-        m.task = task
-        m.grow(task)
+def _at_task1(d, per_class=25):
+    """The driver at task 1 (grown, teacher made) with a hand-filled memory of the task-0 classes."""
+    m, data = d.method, d.runtime.train_data
+    t0 = d.scenario.tasks[0]
+    m.task = t0
+    m.grow(t0)  # task 0's structure, as a resume replays it
     for c in t0.classes:
         m.memory.exemplars[c] = data.indices_of([c]).cpu()[:per_class]
-    m.before_task(t1)
-    return t1
+    return open_task(d, 1)
 
 
 # -- separated softmax ---------------------------------------------------------------------------
@@ -105,23 +92,25 @@ def test_tkd_equals_hand_computation_summed_over_tasks():
 
 
 def test_method_slices_are_the_earlier_tasks():
-    eng = _engine()
-    for task in eng.scenario.tasks[:3]:
-        eng.method.task = task
-        eng.method.grow(task)
-    assert eng.method.old_slices() == [slice(0, 2), slice(2, 4)]
-    eng.method.hp.distill = "global"
-    assert eng.method.old_slices() == [slice(0, 4)]
+    d = _driver()
+    m = d.method
+    for task in d.scenario.tasks[:3]:
+        m.task = task
+        m.grow(task)
+    assert m.old_slices() == [slice(0, 2), slice(2, 4)]
+    m.hp.distill = "global"
+    assert m.old_slices() == [slice(0, 4)]
 
 
 def test_loss_at_the_start_of_task1_is_the_separated_ce():
     """Student == teacher right after before_task: TKD is zero, the loss is L_CE-SS alone."""
-    eng = _engine()
-    _at_task1(eng)
-    m = eng.method
-    idx = eng.method.epoch_batches(m.train_indices(m.task), 64)[0]
-    x, y = eng.train_data.batch(idx)
-    x = eng.augment.train(x)
+    d = _driver()
+    _at_task1(d)
+    m, rt = d.method, d.runtime
+    assert m.teacher is not None
+    idx = m.epoch_batches(m.train_indices(m.task), 64)[0]
+    x, y = rt.train_data.batch(idx)
+    x = rt.augment.train(x)
     m.net.eval()  # no BatchNorm/dropout difference between the two forward passes
     torch.testing.assert_close(m.loss(x, y), separated_ce(m.net(x)["logits"], y, m.n_old))
     with torch.no_grad():
@@ -133,10 +122,10 @@ def test_loss_at_the_start_of_task1_is_the_separated_ce():
 
 
 def test_new_data_batches_have_a_fixed_number_of_exemplars():
-    eng = _engine()
-    t1 = _at_task1(eng, per_class=25)
-    m, labels = eng.method, eng.train_data.labels
-    new = eng.train_data.indices_of(t1.classes)
+    d = _driver()
+    t1 = _at_task1(d, per_class=25)
+    m, labels = d.method, d.runtime.train_data.labels
+    new = d.runtime.train_data.indices_of(t1.classes)
     memory = set(m.memory.indices().tolist())
     plan = m.epoch_batches(m.train_indices(t1), 64)
     assert len(plan) == math.ceil(len(new) / 64)
@@ -154,12 +143,10 @@ def test_new_data_batches_have_a_fixed_number_of_exemplars():
 
 
 def test_first_task_batches_are_plain_new_data():
-    eng = _engine()
-    t0 = eng.scenario.tasks[0]
-    eng.method.task = t0
-    eng.method.grow(t0)
-    new = eng.method.train_indices(t0)
-    plan = eng.method.epoch_batches(new, 64)
+    d = _driver()
+    t0 = open_task(d, 0)
+    new = d.method.train_indices(t0)
+    plan = d.method.epoch_batches(new, 64)
     assert len(plan) == math.ceil(len(new) / 64)
     assert sorted(torch.cat(plan).tolist()) == sorted(new.tolist())
 
@@ -168,12 +155,13 @@ def test_first_task_batches_are_plain_new_data():
 def test_zip_batches_follow_the_official_loaders(per_class):
     """drop_last on both loaders; the replay loader's length is the training-set size, so with a tiny
     memory (2 exemplars < 32 a batch) the epoch is still floor(n_new / B) batches."""
-    eng = _engine({"epoch": "zip"})
-    t1 = _at_task1(eng, per_class=per_class)
-    m, labels = eng.method, eng.train_data.labels
-    n_new = len(eng.train_data.indices_of(t1.classes))
+    d = _driver({"epoch": "zip"})
+    t1 = _at_task1(d, per_class=per_class)
+    m, data = d.method, d.runtime.train_data
+    labels = data.labels
+    n_new = len(data.indices_of(t1.classes))
     plan = m.epoch_batches(m.train_indices(t1), 64)
-    assert len(plan) == min(n_new // 64, len(eng.train_data) // 32) == n_new // 64
+    assert len(plan) == min(n_new // 64, len(data) // 32) == n_new // 64
     for b in plan:
         is_new = labels[b] >= t1.start
         assert int(is_new.sum()) == 64 and int((~is_new).sum()) == 32
@@ -184,47 +172,48 @@ def test_zip_batches_follow_the_official_loaders(per_class):
 
 
 def test_learning_rate_is_divided_by_task_index_plus_one():
-    eng = _engine(train={"epochs": 2, "lr": 0.3, "first_lr": 0.2})
-    stages = [eng.method.stage(Task(t, 2 * t, 2 * t + 2)) for t in range(4)]
+    m = _driver(train={"epochs": 2, "lr": 0.3, "first_lr": 0.2}).method
+    stages = [m.stage(Task(t, 2 * t, 2 * t + 2)) for t in range(4)]
     assert [s.lr for s in stages] == pytest.approx([0.2, 0.3 / 2, 0.3 / 3, 0.3 / 4])
-    plain = _engine({"lr_decay_per_task": False}, train={"epochs": 2, "lr": 0.3})
+    plain = _driver({"lr_decay_per_task": False}, train={"epochs": 2, "lr": 0.3})
     assert plain.method.stage(Task(3, 6, 8)).lr == pytest.approx(0.3)
 
 
 def test_paper_memory_rule_ceil_then_trim_first_samples():
     pool = {c: torch.arange(100 * c, 100 * c + 10) for c in range(5)}
     mem: dict = {}
-    paper_memory(mem, range(3), pool.__getitem__, total=10, per_class=None)
+    ceil_trim_first(mem, range(3), pool.__getitem__, total=10, per_class=None)
     # ceil(10/3) = 4 a class = 12, two too many: one dropped from the two latest classes
     assert {c: v.tolist() for c, v in mem.items()} == {0: [0, 1, 2, 3], 1: [100, 101, 102], 2: [200, 201, 202]}
-    paper_memory(mem, range(3, 4), pool.__getitem__, total=10, per_class=None)
+    ceil_trim_first(mem, range(3, 4), pool.__getitem__, total=10, per_class=None)
     assert [len(mem[c]) for c in range(4)] == [3, 3, 2, 2] and mem[3].tolist() == [300, 301]
-    paper_memory(mem, range(4, 5), pool.__getitem__, total=10, per_class=None)
+    ceil_trim_first(mem, range(4, 5), pool.__getitem__, total=10, per_class=None)
     assert [len(mem[c]) for c in range(5)] == [2, 2, 2, 2, 2]
     fixed: dict = {}
-    paper_memory(fixed, range(3), pool.__getitem__, total=None, per_class=4)
+    ceil_trim_first(fixed, range(3), pool.__getitem__, total=None, per_class=4)
     assert [len(v) for v in fixed.values()] == [4, 4, 4]
 
 
-def test_replay_batch_size_must_be_positive():
+@pytest.mark.parametrize("args, field", [({"replay_batch_size": 0}, "replay_batch_size"), ({"T": 0}, "T")])
+def test_ranges_are_checked_at_resolve_before_any_data(monkeypatch, args, field):
+    def no_data(*a, **k):
+        raise AssertionError("the data was read")
+
+    monkeypatch.setattr("cilkit.experiment.load_dataset", no_data)
     with pytest.raises(ConfigError) as e:
-        _engine({"replay_batch_size": 0})
-    assert e.value.field == "method_args.replay_batch_size"
+        cilkit.resolve([{"method": "ssil", "method_args": args}])
+    assert e.value.field == f"method_args.{field}"
 
 
-# -- end to end ----------------------------------------------------------------------------------
+# -- smoke runs ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("args", [{}, {"epoch": "zip", "memory_rule": "paper"}])
-def test_end_to_end_on_digits(tmp_path, args):
-    exp = cilkit.Experiment(tiny_cfg("ssil", args), tmp_path / "r", progress="off")
-    metrics = exp.execute()
-    s = metrics["summary"]
-    assert metrics["complete"] and len(metrics["tasks"]) == 5
-    for key in ("avg_incremental_accuracy", "last_accuracy", "nme_avg_incremental_accuracy"):
-        assert math.isfinite(s[key]) and 0 <= s[key] <= 100
-    assert (tmp_path / "r" / "metrics.json").is_file()
+def test_smoke_run(tmp_path, args):
+    metrics, exp = smoke_run(tmp_path, "ssil", args)
+    assert_complete_run(metrics, nme=True)
     if args.get("memory_rule") == "paper":
-        assert [r["memory_size"] for r in metrics["tasks"]] == [60] * 5  # exactly K after every task
-        mem, data = exp.engine.memory, exp.engine.train_data
+        assert [r["memory_size"] for r in metrics["tasks"]] == [60] * 2  # exactly K after every task
+        mem, data = exp.driver.memory, exp.runtime.train_data
+        assert sorted(mem.exemplars) == list(range(10))
         assert all(torch.equal(mem.exemplars[c], data.indices_of([c]).cpu()[: len(mem.exemplars[c])]) for c in range(10))

@@ -4,24 +4,23 @@ import math
 
 import pytest
 import torch
-from tiny import SMALL_CONVNET, tiny_cfg
+from tiny import SMALL_CONVNET, FakeContext, assert_complete_run, open_task, smoke_run, tiny_driver
 
-import cilkit
 from cilkit.data.scenario import Task
-from cilkit.engine.optim import Stage, build_optimizer, build_scheduler
 from cilkit.methods.ucir import UCIR, adaptive_lambda, less_forget_loss, margin_ranking_loss
 from cilkit.models.heads import CosineLinear
 from cilkit.models.network import build_network
+from cilkit.training.stage import Stage, build_optimizer, build_scheduler
 
 
 def _method(hidden=4, **hp):
-    """A UCIR method on a small MLP without an engine (the tests feed it hand-made features)."""
+    """A UCIR method on a small MLP with a fake context (the tests feed it hand-made features)."""
     net = build_network("mlp", (1, 8, 8), hidden=[hidden], **UCIR.backbone_options)
-    return UCIR(UCIR.parse_args(hp), net, engine=None)
+    return UCIR(UCIR.parse_args(hp), net, FakeContext())
 
 
 def _two_tasks(m, old_rows, n_new, new_features):
-    """Task 0 with ``old_rows`` as its class rows, then task 1 prepared by ``before_task``."""
+    """Task 0 with ``old_rows`` as its class rows, then task 1 opened as the driver does (teacher, ``before_task``)."""
     t0 = Task(0, 0, old_rows.shape[0])
     m.task = t0
     m.grow(t0)
@@ -31,6 +30,7 @@ def _two_tasks(m, old_rows, n_new, new_features):
     m.task = t1
     m.grow(t1)
     m.class_features = lambda c: new_features[c]
+    m.start_task(t1)
     m.before_task(t1)
     return t1
 
@@ -159,17 +159,16 @@ def test_loss_adds_lambda_dis_and_margin_ranking_to_ce():
         assert m.loss(x, y).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_balanced_finetuning_moves_only_the_class_rows(tmp_path):
-    cfg = tiny_cfg("ucir", {"cbf_epochs": 2}, model=SMALL_CONVNET)  # BatchNorm statistics must not move
-    eng = cilkit.Experiment(cfg, tmp_path / "r", progress="off").engine
-    m = eng.method
-    t0, t1 = eng.scenario.tasks[:2]
-    eng.run_task(t0)
-    m.task = t1
-    m.grow(t1)
-    m.before_task(t1)
+def test_balanced_finetuning_moves_only_the_class_rows():
+    d = tiny_driver("ucir", {"cbf_epochs": 2}, model=SMALL_CONVNET)  # BatchNorm statistics must not move
+    m = d.method
+    t0, t1 = d.scenario.tasks[:2]
+    d.run_task(t0)
+    open_task(d, 1)
     backbone = {k: v.clone() for k, v in m.net.backbone.state_dict().items()}
     sigma, rows = m.net.head.sigma.item(), m.net.head.weight.detach().clone()
+    fits, fit = [], m.ctx.fit
+    m.ctx.fit = lambda *args, **hooks: fits.append(hooks) or fit(*args, **hooks)
     m.after_task(t1)  # memory update, then CBF
     assert all(torch.equal(v, m.net.backbone.state_dict()[k]) for k, v in backbone.items())
     assert m.net.head.sigma.item() == sigma
@@ -177,15 +176,13 @@ def test_balanced_finetuning_moves_only_the_class_rows(tmp_path):
     assert not torch.equal(after[: t1.start], rows[: t1.start]) and not torch.equal(after[t1.start :], rows[t1.start :])
     sizes = {len(v) for v in m.memory.exemplars.values()}
     assert sizes == {60 // t1.stop} and len(m.memory.exemplars) == t1.stop  # balanced, new classes included
+    (cbf,) = fits  # CBF's train mode: the head trains, the backbone (BatchNorm) stays in eval mode
+    m.net.train()
+    cbf["train_mode"]()
+    assert m.net.head.training and not any(mod.training for mod in m.net.backbone.modules())
 
 
-def test_end_to_end_on_digits(tmp_path):
-    cfg = tiny_cfg("ucir", {"cbf_epochs": 2})
-    exp = cilkit.Experiment(cfg, tmp_path / "r", progress="off")
-    metrics = exp.execute()
-    s = metrics["summary"]
-    assert metrics["complete"] and len(metrics["tasks"]) == 5
-    for key in ("avg_incremental_accuracy", "last_accuracy", "nme_avg_incremental_accuracy"):
-        assert math.isfinite(s[key]) and 0 <= s[key] <= 100
-    assert (tmp_path / "r" / "metrics.json").is_file()
-    assert isinstance(exp.engine.net.head, CosineLinear) and exp.engine.net.head.n_classes == 10
+def test_smoke_run(tmp_path):
+    metrics, exp = smoke_run(tmp_path, "ucir", {"cbf_epochs": 2})
+    assert_complete_run(metrics, nme=True)
+    assert isinstance(exp.method.net.head, CosineLinear) and exp.method.net.head.n_classes == 10
