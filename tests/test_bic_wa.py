@@ -105,8 +105,6 @@ def test_validation_rules_paper_and_pycil():
     assert fixed_total.val_per_class(m.task) == 10  # int(0.1 * 200 / 2)
 
 
-@pytest.mark.xfail(strict=True, reason="since 824deec BiC reads memory.total, which is None under memory.per_class, "
-                   "so the configured memory.size no longer reaches the pycil rule (v = 2, not 10)")
 def test_pycil_validation_rule_divides_the_configured_total_under_a_per_class_memory():
     d = _driver("bic", {"val_split": "pycil"}, memory={"per_class": 25, "size": 200})
     m = d.method

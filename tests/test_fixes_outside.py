@@ -172,3 +172,41 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path, monkeypatch, c
     assert main(["run", "--run-dir", str(tmp_path / "r")] + RUN) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"cilkit run --resume {tmp_path / 'r'}" in err.strip().splitlines()[-1]
+
+
+def test_report_marks_unfinished_runs_labels_different_settings_and_skips_a_bad_metrics_file(tmp_path, capsys):
+    done = _run(tmp_path, "done")
+    other = tmp_path / "other"
+    assert main(["run", "--run-dir", str(other), "--method", "finetune", "--scenario", "B4-Inc3", "--epochs", "1",
+                 "--set", "model.backbone=mlp", "--progress", "off"]) == 0
+    unfinished = tmp_path / "unfinished"
+    (unfinished).mkdir()
+    m = json.loads((done / "metrics.json").read_text())
+    m.update(complete=False, tasks=m["tasks"][:1])
+    (unfinished / "metrics.json").write_text(json.dumps(m))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "metrics.json").write_text("{not json")
+    capsys.readouterr()
+    plot, table = tmp_path / "cmp.png", tmp_path / "cmp.csv"
+    assert main(["report", str(done), str(other), str(unfinished), str(broken), "--plot", str(plot), "--csv", str(table)]) == 0
+    out, err = capsys.readouterr()
+    assert "1/2 incomplete" in out and "unfinished is not finished" in out
+    assert "differ in scenario" in out and "skipped" in err and "broken" in err
+    assert plot.stat().st_size > 1000 and len(table.read_text().strip().splitlines()) == 4
+
+
+def test_normalization_is_recorded_and_a_given_one_is_used(tmp_path):
+    import yaml
+
+    run = _run(tmp_path)
+    metrics = json.loads((run / "metrics.json").read_text())
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["normalization"] == metrics["normalization"] and len(metrics["normalization"]["mean"]) == 1
+    assert metrics["backbone"] == "mlp"
+    cfg = cilkit.resolve([{**FAST, "method": "finetune", "data": {"normalization": {"mean": [0.5], "std": [0.25]}}}])
+    exp = cilkit.Experiment(cfg, tmp_path / "given", progress="off")
+    assert exp.runtime.augment.mean == (0.5,) and exp.runtime.augment.std == (0.25,)
+    with pytest.raises(cilkit.errors.ConfigError, match="data.normalization.mean"):
+        cilkit.Experiment(cilkit.resolve([{**FAST, "method": "finetune", "data": {"normalization": {"mean": [0.5, 0.5], "std": [1, 1]}}}]),
+                          tmp_path / "bad", progress="off")

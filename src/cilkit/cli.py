@@ -117,14 +117,19 @@ def cmd_configs(args) -> int:
 
 def cmd_report(args) -> int:
     from cilkit.results.plots import plot_comparison
-    from cilkit.results.report import COMPARE_HEADER, comparison_rows, format_table, load_runs, write_comparison_csv
+    from cilkit.results.report import COMPARE_HEADER, comparison_notes, comparison_rows, format_table, load_runs, plot_label
+    from cilkit.results.report import write_comparison_csv
 
-    runs = load_runs(args.runs)
+    runs, skipped = load_runs(args.runs)
+    for line in skipped:
+        print(f"skipped {line}", file=sys.stderr)
     if not runs:
-        raise CilkitError(f"no run folder with a metrics.json among: {' '.join(args.runs)}")
+        raise CilkitError(f"no run folder with a readable metrics.json among: {' '.join(args.runs)}")
     rows = comparison_rows(runs)
     print(format_table(COMPARE_HEADER, rows))
-    plot_comparison([(f"{name}", m) for name, m in runs], Path(args.plot))
+    for note in comparison_notes(runs):
+        print(f"note: {note}")
+    plot_comparison([(plot_label(name, m, runs), m) for name, m in runs], Path(args.plot))
     write_comparison_csv(rows, Path(args.csv))
     print(f"plot: {args.plot}\ncsv: {args.csv}")
     return 0

@@ -32,6 +32,10 @@ class DataConfig:
     n_classes: int | None = param(None, ge=1)  # keep only the first K classes of the order
     image_size: int | None = None  # imagefolder: decoded images are resized to this size
     on_device: bool | None = None  # keep the uint8 images on the training device (None/auto: when they fit)
+    cache_dir: str | None = None  # decoded-image cache (imagefolder, tinyimagenet); None: $CILKIT_CACHE or next to the data
+    # per-channel {mean: [...], std: [...]} in [0, 1] units; None: computed from the training images (and
+    # recorded here in the run folder's config.yaml)
+    normalization: dict | None = None
 
 
 @dataclass

@@ -27,13 +27,15 @@ class TaskDriver:
     """Runs one class-incremental experiment: ``method`` on ``scenario`` with ``runtime``."""
 
     def __init__(self, method: Method, runtime: Runtime, scenario: Scenario, *, topk: int = 5,
-                 nme_flip: bool = False, seed: int = 0):
+                 nme_flip: bool = False, seed: int = 0, info: dict | None = None):
+        """``info``: what the run's metrics record about its setting beyond the driver's own (backbone, normalisation)."""
         self.method = method
         self.runtime = runtime
         self.scenario = scenario
         self.topk = topk
         self.nme_flip = nme_flip
         self.seed = seed
+        self.info = dict(info or {})
         self.class_means: torch.Tensor | None = None
         self.records: list[dict] = []
         self.next_task = 0
@@ -122,6 +124,7 @@ class TaskDriver:
             "class_order": self.scenario.order,
             "seed": self.seed,
             "topk": self.topk,
+            **self.info,
             "device": str(self.runtime.device),
             "complete": len(self.records) == len(self.scenario.tasks),
             "summary": summary,

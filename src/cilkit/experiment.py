@@ -70,7 +70,9 @@ def uses_memory(cfg: Config) -> bool:
 def build_scenario(cfg: Config) -> Scenario:
     """Load the dataset and split it into tasks, with every data-dependent check."""
     data = cfg.data
-    dataset = load_dataset(data.dataset, data.root, download=data.download, image_size=data.image_size)
+    dataset = load_dataset(data.dataset, data.root, download=data.download, image_size=data.image_size, cache_dir=data.cache_dir)
+    if data.normalization is not None:
+        dataset.mean, dataset.std = normalization_of(data.normalization, dataset.image_shape[0])
     scenario = make_scenario(dataset, cfg.scenario.name, cfg.scenario.class_order, cfg.scenario.order_seed, data.n_classes)
     if uses_memory(cfg) and cfg.memory.per_class is None and cfg.memory.size < scenario.n_classes:
         raise ConfigError(
@@ -79,6 +81,22 @@ def build_scenario(cfg: Config) -> Scenario:
             f"this scenario; give at least {scenario.n_classes} or use memory.per_class",
         )
     return scenario
+
+
+def normalization_of(given: dict, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) of a ``data.normalization`` mapping, checked against the images' channels."""
+    if set(given) != {"mean", "std"}:
+        raise ConfigError("data.normalization", f"expected the keys mean and std, got {sorted(given)}")
+    out = []
+    for key in ("mean", "std"):
+        values = given[key]
+        if (not isinstance(values, list) or len(values) != channels
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+            raise ConfigError(f"data.normalization.{key}", f"expected {channels} numbers (one per channel), got {values!r}")
+        if key == "std" and any(v <= 0 for v in values):
+            raise ConfigError("data.normalization.std", f"must be positive, got {values}")
+        out.append(tuple(float(v) for v in values))
+    return out[0], out[1]
 
 
 def build_driver(cfg: Config, scenario: Scenario, progress: str = "auto") -> TaskDriver:
@@ -103,14 +121,15 @@ def build_driver(cfg: Config, scenario: Scenario, progress: str = "auto") -> Tas
     memory = None
     if uses_memory(cfg):
         per_class = cfg.memory.per_class
-        memory = ExemplarMemory(None if per_class else cfg.memory.size, per_class, cfg.memory.selection)
+        memory = ExemplarMemory(None if per_class else cfg.memory.size, per_class, cfg.memory.selection, cfg.memory.size)
     net = build_network(cfg.model.backbone, ds.image_shape, hidden=cfg.model.hidden, widths=cfg.model.widths, **cls.backbone_options)
     if cfg.train.compile:
         net.backbone.compile(dynamic=False)
     ctx = TrainingContext(runtime, memory, cfg.seed, cfg.train.stage, Progress(progress))
     method = cls(cls.parse_args(cfg.method_args), net, ctx)
     nme_flip = augment.flips if cfg.memory.nme_flip is None else cfg.memory.nme_flip
-    return TaskDriver(method, runtime, scenario, topk=cfg.eval.topk, nme_flip=nme_flip, seed=cfg.seed)
+    info = {"backbone": cfg.model.backbone, "normalization": {"mean": [float(v) for v in ds.mean], "std": [float(v) for v in ds.std]}}
+    return TaskDriver(method, runtime, scenario, topk=cfg.eval.topk, nme_flip=nme_flip, seed=cfg.seed, info=info)
 
 
 def config_digest(config: dict) -> str:
@@ -221,6 +240,8 @@ class Experiment:
         """The whole configuration the run uses: every key, the method's hyperparameters with their defaults."""
         out = self.cfg.to_dict()
         out["method_args"] = dataclasses.asdict(self.method.hp)
+        ds = self.scenario.dataset
+        out["data"]["normalization"] = {"mean": [float(v) for v in ds.mean], "std": [float(v) for v in ds.std]}
         if self.method.memory is None:  # no budget is used: none is recorded (it would be refused on a rerun)
             out["memory"].update(size=None, per_class=None)
         return out

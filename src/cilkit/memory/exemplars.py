@@ -19,13 +19,17 @@ SELECTIONS = ("herding", "random")
 
 
 class ExemplarMemory:
-    def __init__(self, total: int | None = 2000, per_class: int | None = None, selection: str = "herding"):
+    def __init__(self, total: int | None = 2000, per_class: int | None = None, selection: str = "herding",
+                 nominal_total: int | None = None):
+        """``nominal_total``: the configured total budget even when ``per_class`` rules (PyCIL's BiC
+        divides it to size its validation set); ``total`` by default."""
         if (total is None) == (per_class is None):
             raise ValueError("give exactly one of total and per_class")
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}")
         self.total = total
         self.per_class = per_class
+        self.nominal_total = total if nominal_total is None else nominal_total
         self.selection = selection
         self.exemplars: dict[int, torch.Tensor] = {}
 

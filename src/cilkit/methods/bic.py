@@ -116,7 +116,7 @@ class BiC(Method):
             held = min(len(self.memory.exemplars[c]) for c in range(self.n_old))
             v = int(self.hp.val_ratio * held + 1e-9)
         else:
-            total = self.memory.total or self.memory.quota(self.n_old) * self.n_old
+            total = self.memory.nominal_total or self.memory.quota(self.n_old) * self.n_old
             v = int(self.hp.val_ratio * total / self.n_old + 1e-9)
         return max(1, v)
 

@@ -72,17 +72,47 @@ def metrics_csv(metrics: dict) -> str:
     return buf.getvalue()
 
 
-COMPARE_HEADER = ["run", "method", "dataset", "scenario", "seed", "avg_inc_acc", "last_acc", "forgetting", "nme_avg", "nme_last", "time_s"]
+COMPARE_HEADER = ["run", "method", "dataset", "scenario", "backbone", "seed", "tasks", "avg_inc_acc", "last_acc", "forgetting",
+                  "nme_avg", "nme_last", "time_s"]
+SETTING = ("dataset", "scenario", "backbone", "n_classes")  # what must agree for runs to be compared
 
 
-def load_runs(paths: list[str]) -> list[tuple[str, dict]]:
-    """(name, metrics) of each run folder that has a metrics.json, in the order given."""
-    runs = []
+def load_runs(paths: list[str]) -> tuple[list[tuple[str, dict]], list[str]]:
+    """``(name, metrics)`` of each run folder with a readable metrics.json, in the order given, and one
+    line for each folder that was skipped (no metrics.json, not valid JSON, not a run's metrics)."""
+    runs, skipped = [], []
     for p in paths:
         f = Path(p) / "metrics.json"
-        if f.is_file():
-            runs.append((Path(p).name, json.loads(f.read_text())))
-    return runs
+        if not f.is_file():
+            skipped.append(f"{p}: no metrics.json")
+            continue
+        try:
+            m = json.loads(f.read_text())
+            if not isinstance(m, dict) or not isinstance(m.get("tasks"), list) or "method" not in m:
+                raise ValueError("not the metrics of a cilkit run")
+        except (ValueError, UnicodeDecodeError) as e:
+            skipped.append(f"{f}: unreadable ({type(e).__name__}: {e})")
+            continue
+        if "backbone" not in m:  # runs written before metrics.json named the backbone
+            try:
+                import yaml
+
+                m["backbone"] = (yaml.safe_load((Path(p) / "config.yaml").read_text()) or {})["model"]["backbone"]
+            except Exception:
+                m["backbone"] = None
+        runs.append((Path(p).name, m))
+    return runs, skipped
+
+
+def setting_of(m: dict) -> tuple:
+    n_classes = sum(m.get("increments") or []) or None
+    return tuple(n_classes if k == "n_classes" else m.get(k) for k in SETTING)
+
+
+def progress_of(m: dict) -> str:
+    """``5/5``, or ``1/3 incomplete`` for a run that has not finished."""
+    done, total = len(m.get("tasks") or []), len(m.get("increments") or []) or len(m.get("tasks") or [])
+    return f"{done}/{total}" + ("" if m.get("complete") else " incomplete")
 
 
 def comparison_rows(runs: list[tuple[str, dict]]) -> list[list]:
@@ -90,11 +120,30 @@ def comparison_rows(runs: list[tuple[str, dict]]) -> list[list]:
     for name, m in runs:
         s = m.get("summary") or {}
         rows.append([
-            name, m["method"], m["dataset"], m["scenario"], m.get("seed"),
+            name, m["method"], m.get("dataset"), m.get("scenario"), m.get("backbone"), m.get("seed"), progress_of(m),
             s.get("avg_incremental_accuracy"), s.get("last_accuracy"), s.get("avg_forgetting"),
             s.get("nme_avg_incremental_accuracy"), s.get("nme_last_accuracy"), s.get("wall_time_s"),
         ])
     return rows
+
+
+def comparison_notes(runs: list[tuple[str, dict]]) -> list[str]:
+    """Warnings for the reader of a comparison: unfinished runs, and runs of different settings."""
+    notes = [f"{name} is not finished ({progress_of(m)}): its figures cover the tasks done so far" for name, m in runs
+             if not m.get("complete")]
+    settings = {setting_of(m) for _, m in runs}
+    if len(settings) > 1:
+        notes.append("these runs differ in " + ", ".join(k for i, k in enumerate(SETTING) if len({s[i] for s in settings}) > 1)
+                     + ": their figures are not comparable; the plot labels each with its setting")
+    return notes
+
+
+def plot_label(name: str, m: dict, runs: list[tuple[str, dict]]) -> str:
+    """The run's name, with its setting when the runs differ in it, and a mark when it is unfinished."""
+    label = name
+    if len({setting_of(r) for _, r in runs}) > 1:
+        label += f" [{m.get('dataset')} {m.get('scenario')} {m.get('backbone')}]"
+    return label if m.get("complete") else label + f" ({progress_of(m)})"
 
 
 def write_comparison_csv(rows: list[list], path: Path) -> None:
