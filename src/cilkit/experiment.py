@@ -122,11 +122,13 @@ def build_driver(cfg: Config, scenario: Scenario, progress: str = "auto") -> Tas
     if uses_memory(cfg):
         per_class = cfg.memory.per_class
         memory = ExemplarMemory(None if per_class else cfg.memory.size, per_class, cfg.memory.selection, cfg.memory.size)
-    net = build_network(cfg.model.backbone, ds.image_shape, hidden=cfg.model.hidden, widths=cfg.model.widths, **cls.backbone_options)
+    hp = cls.parse_args(cfg.method_args)
+    net = build_network(cfg.model.backbone, ds.image_shape, hidden=cfg.model.hidden, widths=cfg.model.widths,
+                        **cls.backbone_kwargs(hp))
     if cfg.train.compile:
         net.backbone.compile(dynamic=False)
     ctx = TrainingContext(runtime, memory, cfg.seed, cfg.train.stage, Progress(progress))
-    method = cls(cls.parse_args(cfg.method_args), net, ctx)
+    method = cls(hp, net, ctx)
     nme_flip = augment.flips if cfg.memory.nme_flip is None else cfg.memory.nme_flip
     info = {"backbone": cfg.model.backbone, "normalization": {"mean": [float(v) for v in ds.mean], "std": [float(v) for v in ds.std]}}
     return TaskDriver(method, runtime, scenario, topk=cfg.eval.topk, nme_flip=nme_flip, seed=cfg.seed, info=info)

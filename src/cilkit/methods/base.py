@@ -34,6 +34,8 @@ from cilkit.training.loop import StepInfo, shuffled_batches
 from cilkit.training.stage import Stage
 
 MemoryUse = Literal["required", "optional", "none"]
+StageOptimizer = Literal["sgd", "adam", "adamw"]
+ADAM_MAX_LR = 0.01  # above this an Adam step diverges in practice (its usual rates are 1e-4 to 1e-3)
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -152,6 +154,11 @@ class Method:
         return hp
 
     @classmethod
+    def backbone_kwargs(cls, hp) -> dict:
+        """Keyword arguments of the backbone the method needs (``backbone_options``, or from its hyperparameters)."""
+        return dict(cls.backbone_options)
+
+    @classmethod
     def hyper_defaults(cls) -> dict:
         hints = typing.get_type_hints(cls.Hyper)
         return {f.name: (hints[f.name], getattr(cls.Hyper(), f.name)) for f in dataclasses.fields(cls.Hyper)}
@@ -253,6 +260,18 @@ class Method:
         modes of the stage: the method's own by default)."""
         return self.ctx.fit(groups, indices, stage, loss, batches=self.epoch_batches,
                             train_mode=train_mode or self.train_mode, after_step=self.after_step, desc=desc)
+
+    def extra_stage(self, task: Task, *, epochs: int, lr: float, optimizer: str, **changes) -> Stage:
+        """The stage of an extra training phase (finetuning, re-learning): the task's stage with the
+        phase's own epochs, rate and optimizer, which never follow ``train.optimizer`` silently."""
+        return self.stage(task).replace(epochs=epochs, lr=lr, optimizer=optimizer, **changes)
+
+    @staticmethod
+    def check_stage_rate(field: str, optimizer: str, lr: float) -> None:
+        """Refuse a rate that makes no sense for the stage's optimizer (an SGD-scale rate given to Adam)."""
+        if optimizer in ("adam", "adamw") and lr > ADAM_MAX_LR:
+            raise ConfigError(f"method_args.{field}", f"{lr:g} is an SGD-scale rate but this stage's optimizer is {optimizer}; "
+                              f"Adam rates are about 1e-4 to 1e-3 (at most {ADAM_MAX_LR:g} here), or set the stage's optimizer to sgd")
 
     def frozen_backbone_mode(self) -> None:
         """Train mode for an extra stage that trains a head on a fixed backbone (BatchNorm frozen)."""
