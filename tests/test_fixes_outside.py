@@ -210,3 +210,28 @@ def test_normalization_is_recorded_and_a_given_one_is_used(tmp_path):
     with pytest.raises(cilkit.errors.ConfigError, match="data.normalization.mean"):
         cilkit.Experiment(cilkit.resolve([{**FAST, "method": "finetune", "data": {"normalization": {"mean": [0.5, 0.5], "std": [1, 1]}}}]),
                           tmp_path / "bad", progress="off")
+
+
+@pytest.mark.parametrize("method, args, stage_desc, lr", [
+    ("ucir", {"cbf_epochs": 1}, "balanced finetuning", 0.01),
+    ("der", {"relearn_epochs": 1}, "classifier re-learning", 0.1),
+])
+def test_extra_stages_keep_their_own_optimizer_under_a_main_adam(method, args, stage_desc, lr, tmp_path, monkeypatch):
+    from cilkit.training.context import TrainingContext
+
+    seen, original = [], TrainingContext.fit
+
+    def record(self, groups, indices, stage, loss, **hooks):
+        seen.append((hooks.get("desc"), stage.optimizer, stage.lr))
+        return original(self, groups, indices, stage, loss, **hooks)
+
+    monkeypatch.setattr(TrainingContext, "fit", record)
+    layer = {**FAST, "method": method, "method_args": args, "memory": {"size": 40}, "train": {"epochs": 1, "optimizer": "adam", "lr": 1e-3}}
+    cilkit.run(layer, run_dir=tmp_path / "r")
+    assert ("task 2/2", "adam", 1e-3) in seen and (stage_desc, "sgd", lr) in seen
+
+
+@pytest.mark.parametrize("method, field", [("ucir", "cbf"), ("der", "relearn")])
+def test_an_sgd_scale_rate_for_an_adam_stage_is_refused(method, field):
+    with pytest.raises(cilkit.errors.ConfigError, match=f"method_args.{field}_lr"):
+        cilkit.resolve([{"method": method, "method_args": {f"{field}_optimizer": "adam", f"{field}_lr": 0.05}}])

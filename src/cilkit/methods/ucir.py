@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from cilkit.data.scenario import Task
 from cilkit.memory.nme import class_mean
-from cilkit.methods.base import Method
+from cilkit.methods.base import Method, StageOptimizer
 from cilkit.models.heads import CosineLinear, mean_row_norm
 from cilkit.schema import param
 
@@ -44,6 +44,7 @@ class UCIRHyper:
     cbf: bool = True  # part of the full method in the paper's results [recalled]
     cbf_epochs: int = param(20, ge=0)  # official --ft_epochs 20
     cbf_lr: float = param(0.01, gt=0)  # official --ft_base_lr 0.01 (PODNet's UCIR config: 0.05, constant)
+    cbf_optimizer: StageOptimizer = "sgd"  # official cbf script: SGD (momentum, weight decay: the task's), whatever train.optimizer is
     cbf_milestones: list[int] = field(default_factory=lambda: [10])  # lr x0.1 at epoch 10 (--ft_lr_strat 10)
 
 
@@ -85,6 +86,10 @@ class UCIR(Method):
     memory_use = "required"
     distills = True  # f*, the model after the previous task
     backbone_options: ClassVar[dict] = {"last_relu": False}  # signed embedding: no ReLU after the last block
+
+    @classmethod
+    def check_config(cls, cfg, hp) -> None:
+        cls.check_stage_rate("cbf_lr", hp.cbf_optimizer, hp.cbf_lr)
 
     def __init__(self, hp, net, ctx):
         super().__init__(hp, net, ctx)
@@ -132,7 +137,6 @@ class UCIR(Method):
     def after_task(self, task: Task) -> None:
         self.update_memory(task)  # herding; new classes reduced to the quota before CBF
         if task.index > 0 and self.hp.cbf:
-            stage = self.stage(task).replace(
-                epochs=self.hp.cbf_epochs, lr=self.hp.cbf_lr, schedule="multistep", milestones=list(self.hp.cbf_milestones)
-            )
+            stage = self.extra_stage(task, epochs=self.hp.cbf_epochs, lr=self.hp.cbf_lr, optimizer=self.hp.cbf_optimizer,
+                                     schedule="multistep", milestones=list(self.hp.cbf_milestones))
             self.balanced_finetune(list(self.net.head.blocks), stage, self.cbf_loss)

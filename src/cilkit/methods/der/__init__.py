@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cilkit.data.scenario import Task
-from cilkit.methods.base import Method
+from cilkit.methods.base import Method, StageOptimizer
 from cilkit.methods.der.masks import MaskedExtractor, anneal_s
 from cilkit.models.expandable import ExpandableBackbone, ExpandingLinear
 from cilkit.models.heads import weight_align_gamma
@@ -63,6 +63,7 @@ class DERHyper:
     relearn_data: Literal["subset", "memory"] = "subset"  # subset: official balanced subset of D_t U M
     relearn_epochs: int = param(30, ge=0)  # official decouple.epochs 30
     relearn_lr: float = param(0.1, gt=0)  # official decouple.lr 0.1
+    relearn_optimizer: StageOptimizer = "sgd"  # official decouple: SGD, whatever train.optimizer is
     relearn_milestones: list[int] = field(default_factory=lambda: [15])  # /10 at 15 (official)
     relearn_weight_decay: float = param(5e-4, ge=0)  # official decouple.weight_decay
     relearn_T: float = param(5.0, gt=0)  # official decouple.temperature 5 (CIFAR; ImageNet configs: 1)
@@ -79,6 +80,10 @@ class DER(Method):
     paper = "Yan, Xie, He, DER: Dynamically Expandable Representation for Class Incremental Learning, CVPR 2021"
     Hyper = DERHyper
     memory_use = "required"
+
+    @classmethod
+    def check_config(cls, cfg, hp) -> None:
+        cls.check_stage_rate("relearn_lr", hp.relearn_optimizer, hp.relearn_lr)
 
     def __init__(self, hp, net, ctx):
         super().__init__(hp, net, ctx)
@@ -182,10 +187,9 @@ class DER(Method):
 
     def relearn(self, task: Task) -> None:
         self.net.head.reset_parameters()
-        stage = self.stage(task).replace(
-            epochs=self.hp.relearn_epochs, lr=self.hp.relearn_lr, schedule="multistep",
-            milestones=list(self.hp.relearn_milestones), weight_decay=self.hp.relearn_weight_decay,
-        )
+        stage = self.extra_stage(task, epochs=self.hp.relearn_epochs, lr=self.hp.relearn_lr, optimizer=self.hp.relearn_optimizer,
+                                 schedule="multistep", milestones=list(self.hp.relearn_milestones),
+                                 weight_decay=self.hp.relearn_weight_decay)
         params = list(self.net.head.parameters())
         if self.hp.relearn_data == "memory":  # every extractor and head frozen in eval mode
             self.update_memory(task)
