@@ -1,4 +1,4 @@
-"""Run a benchmark protocol (shared/protocols.md) for several methods and seeds, and tabulate it.
+"""Run a benchmark protocol (docs/protocols.md) for several methods and seeds, and tabulate it.
 
     python benchmarks/protocol.py fmnist --methods finetune replay joint --seeds 0 1 2 \\
         --data-root ../shared/data
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from cilkit.config import load_yaml, resolve
-from cilkit.experiment import Experiment
+from cilkit.experiment import Experiment, resolve
+from cilkit.presets import load_yaml, set_dotted
 from cilkit.results.rundir import RunDir, atomic_write_text
 
 KEYS = [
@@ -38,8 +38,9 @@ KEYS = [
 ]
 
 
-def run_one(protocol: str, method: str, seed: int, root: str | None, device: str, runs_dir: Path, extra: list[dict]) -> dict:
-    run_dir = runs_dir / protocol / f"{method}-s{seed}"
+def run_one(protocol: str, method: str, seed: int, root: str | None, device: str, runs_dir: Path, extra: list[dict],
+            tag: str = "") -> dict:
+    run_dir = runs_dir / protocol / f"{method}{'-' + tag if tag else ''}-s{seed}"
     run = RunDir(run_dir)
     if run.metrics_path.exists() and run.read_metrics().get("complete"):
         return run.read_metrics()
@@ -83,6 +84,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--runs-dir", default="benchmarks/runs")
     p.add_argument("--set", action="append", default=[], help="extra config keys for every run, e.g. train.epochs=1")
+    p.add_argument("--tag", default="", help="a name for runs with --set changes (run folders <method>-<tag>-s<seed>)")
     p.add_argument("--time-budget", type=float, help="seconds after which no new run is started")
     p.add_argument("--summary", help="where to write the JSON summary (default: next to the runs)")
     args = p.parse_args()
@@ -90,18 +92,18 @@ def main() -> None:
     log = logging.getLogger("cilkit")
     log.addHandler(logging.StreamHandler(sys.stderr))
     log.setLevel(logging.INFO)
-    from cilkit.config import set_dotted
-
     extra = [set_dotted({}, s) for s in args.set]
     rows, record = [], {"protocol": args.protocol, "command": " ".join(sys.argv), "commit": commit(),
                         "device": device_name(args.device), "date": time.strftime("%Y-%m-%d"), "methods": {}}
-    out = Path(args.summary or Path(args.runs_dir) / args.protocol / f"summary-{'-'.join(args.methods)}.json")
+    name = "-".join(args.methods) + (f"-{args.tag}" if args.tag else "")
+    out = Path(args.summary or Path(args.runs_dir) / args.protocol / f"summary-{name}.json")
     start = time.monotonic()
     for method in args.methods:
         if args.time_budget is not None and time.monotonic() - start > args.time_budget:
             print(f"time budget spent: {method} and later methods not run", file=sys.stderr)
             break
-        runs = [run_one(args.protocol, method, s, args.data_root, args.device, Path(args.runs_dir), extra) for s in args.seeds]
+        runs = [run_one(args.protocol, method, s, args.data_root, args.device, Path(args.runs_dir), extra, args.tag)
+                for s in args.seeds]
         figures = {key: [r["summary"][key] for r in runs if key in r["summary"]] for key, _ in KEYS}
         minutes = [r["summary"]["wall_time_s"] / 60 for r in runs]
         first = [r["tasks"][0]["cnn"]["top1"] for r in runs]

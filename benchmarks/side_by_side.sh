@@ -14,7 +14,8 @@ mkdir -p "$log"
 # decode the dataset once before the runs start, so they do not all unpack it at the same time
 python - "$protocol" "$1" "$root" <<'PY' || exit 2
 import sys
-from cilkit.config import load_yaml, resolve
+from cilkit.experiment import resolve
+from cilkit.presets import load_yaml
 from cilkit.data.registry import load_dataset
 protocol, method, root = sys.argv[1:]
 cfg = resolve([load_yaml(f"protocols/{protocol}/{method}"), {"data": {"root": root}}])

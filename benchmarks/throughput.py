@@ -1,7 +1,7 @@
 """Training throughput of ResNet-32 on 32x32 images, three ways on the same device.
 
 (a) ceiling: forward + backward + SGD step on one fixed, pre-made batch already on the device;
-(b) cilkit: the engine's own loop (``Engine.fit``): uint8 images in the in-memory store, batches
+(b) cilkit: its own loop (``cilkit.training.loop.fit``): uint8 images in the in-memory store, batches
     drawn by index, random crop (pad 4) + flip + normalisation on whole batches;
 (c) per-sample: a PIL-style ``Dataset`` (PIL pad/crop/flip, to-tensor, normalise per image) with a
     ``DataLoader`` of 2 worker processes, then the same training step.
@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from cilkit.config import resolve
 from cilkit.data.datasets import Dataset, ImageSet
 from cilkit.data.scenario import make_scenario
-from cilkit.engine.optim import Stage
-from cilkit.engine.trainer import Engine
+from cilkit.driver import TaskDriver
+from cilkit.experiment import build_driver, resolve
+from cilkit.training.stage import Stage
 
 MEAN, STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 
@@ -40,19 +40,17 @@ def synthetic(n: int, seed: int = 0) -> Dataset:
     return Dataset("synthetic32", ImageSet(x, y), ImageSet(x[:100], y[:100]), [str(i) for i in range(10)], MEAN, STD)
 
 
-def make_engine(ds: Dataset, device: str, batch: int, compile: bool = False) -> Engine:
+def make_engine(ds: Dataset, device: str, batch: int, compile: bool = False) -> TaskDriver:
     cfg = resolve([{
         "method": "finetune", "device": device, "data": {"dataset": "digits"},
         "model": {"backbone": "resnet32"},
         "train": {"batch_size": batch, "augment": "crop_flip", "epochs": 1, "schedule": "constant", "compile": compile},
     }])
-    eng = Engine(cfg, make_scenario(ds, [10], order="identity"), progress="off")
+    eng = build_driver(cfg, make_scenario(ds, [10], order="identity"), progress="off")
     task = eng.scenario.tasks[0]
     eng.method.task = task
     eng.method.grow(task)
-    eng.net.to(eng.device)
-    if eng.channels_last:
-        eng.net.to(memory_format=torch.channels_last)
+    eng.runtime.place(eng.net)
     return eng
 
 
@@ -61,11 +59,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def step_fn(eng: Engine):
+def step_fn(eng: TaskDriver):
     opt = torch.optim.SGD(eng.net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
     def step(x, y):
-        with eng.autocast():
+        with eng.runtime.autocast():
             loss = F.cross_entropy(eng.net(x)["logits"], y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -74,29 +72,28 @@ def step_fn(eng: Engine):
     return step
 
 
-def ceiling(eng: Engine, batch: int, steps: int, warmup: int) -> float:
-    x, y = eng.train_data.batch(torch.arange(batch))
-    x = eng._prepare(eng.augment.train(x))
+def ceiling(eng: TaskDriver, batch: int, steps: int, warmup: int) -> float:
+    x, y = eng.runtime.train_batch(torch.arange(batch))
     step = step_fn(eng)
     eng.net.train()
     for _ in range(warmup):
         step(x, y)
-    sync(eng.device)
+    sync(eng.runtime.device)
     t = time.perf_counter()
     for _ in range(steps):
         step(x, y)
-    sync(eng.device)
+    sync(eng.runtime.device)
     return steps * batch / (time.perf_counter() - t)
 
 
-def cilkit_path(eng: Engine, batch: int, steps: int, warmup: int) -> float:
+def cilkit_path(eng: TaskDriver, batch: int, steps: int, warmup: int) -> float:
     stage = Stage(epochs=1, lr=0.01, schedule="constant", batch_size=batch)
-    loss = eng.method.loss
+    m = eng.method
     groups = [{"params": list(eng.net.parameters())}]
-    eng.fit(groups, torch.arange(warmup * batch, device=eng.device), stage, loss)
-    sync(eng.device)
-    stats = eng.fit(groups, torch.arange(steps * batch, device=eng.device), stage, loss)
-    sync(eng.device)
+    m.fit(groups, torch.arange(warmup * batch, device=eng.runtime.device), stage, m.loss)
+    sync(eng.runtime.device)
+    stats = m.fit(groups, torch.arange(steps * batch, device=eng.runtime.device), stage, m.loss)
+    sync(eng.runtime.device)
     return stats["images_per_s"]
 
 
@@ -121,23 +118,23 @@ class PILDataset(torch.utils.data.Dataset):
         return (x - self.mean) / self.std, int(self.labels[i])
 
 
-def per_sample_path(eng: Engine, ds: Dataset, batch: int, steps: int, warmup: int, workers: int) -> float:
+def per_sample_path(eng: TaskDriver, ds: Dataset, batch: int, steps: int, warmup: int, workers: int) -> float:
     loader = torch.utils.data.DataLoader(
         PILDataset(ds.train.images, ds.train.labels), batch_size=batch, shuffle=True, num_workers=workers,
-        drop_last=True, pin_memory=eng.device.type == "cuda", persistent_workers=False,
+        drop_last=True, pin_memory=eng.runtime.device.type == "cuda", persistent_workers=False,
     )
     step = step_fn(eng)
     eng.net.train()
     it = iter(loader)
     for _ in range(warmup):
         x, y = next(it)
-        step(eng._prepare(x.to(eng.device, non_blocking=True)), y.to(eng.device, non_blocking=True))
-    sync(eng.device)
+        step(eng.runtime.to_memory_format(x.to(eng.runtime.device, non_blocking=True)), y.to(eng.runtime.device, non_blocking=True))
+    sync(eng.runtime.device)
     t = time.perf_counter()
     for _ in range(steps):
         x, y = next(it)
-        step(eng._prepare(x.to(eng.device, non_blocking=True)), y.to(eng.device, non_blocking=True))
-    sync(eng.device)
+        step(eng.runtime.to_memory_format(x.to(eng.runtime.device, non_blocking=True)), y.to(eng.runtime.device, non_blocking=True))
+    sync(eng.runtime.device)
     return steps * batch / (time.perf_counter() - t)
 
 
@@ -163,15 +160,15 @@ def main() -> None:
         b = max(b, cilkit_path(eng, args.batch_size, args.steps, args.warmup))
         if not args.skip_per_sample:
             c = max(c, per_sample_path(eng, ds, args.batch_size, args.steps, args.warmup, args.workers))
-    device = torch.cuda.get_device_name(0) if eng.device.type == "cuda" else f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
+    device = torch.cuda.get_device_name(0) if eng.runtime.device.type == "cuda" else f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
     result = {
         "device": device, "torch": torch.__version__, "batch_size": args.batch_size, "steps": args.steps,
-        "amp_bf16": eng.amp, "channels_last": eng.channels_last, "compile": args.compile,
+        "amp_bf16": eng.runtime.amp, "channels_last": eng.runtime.channels_last, "compile": args.compile,
         "a_ceiling_img_s": a, "b_cilkit_img_s": b, "c_per_sample_img_s": c or None, "b_over_a": b / a,
         "b_over_c": b / c if c else None,
     }
-    print(f"device: {device}  torch {torch.__version__}  batch {args.batch_size}  bf16 {eng.amp}  "
-          f"channels_last {eng.channels_last}  compile {args.compile}")
+    print(f"device: {device}  torch {torch.__version__}  batch {args.batch_size}  bf16 {eng.runtime.amp}  "
+          f"channels_last {eng.runtime.channels_last}  compile {args.compile}")
     print(f"(a) ceiling, fixed batch      {a:10.0f} img/s")
     print(f"(b) cilkit data path          {b:10.0f} img/s   (b)/(a) = {b / a:.3f}")
     if c:
