@@ -29,7 +29,8 @@ COMPARED = ("tasks", "summary", "accuracy_matrix", "nme_accuracy_matrix", "class
 # beside the defaults: name -> (method, method_args).
 VARIANTS = {
     "lwf+warmup": ("lwf", {"warmup_epochs": 2}),
-    "bic+pycil": ("bic", {"val_split": "pycil", "stage2_bn_train": True, "stage2_double_softmax": True}),
+    "bic+pycil": ("bic", {"val_split": "pycil", "stage2_bn_train": True, "stage2_double_softmax": True, "bias_pairs": "all"}),
+    "bic+all": ("bic", {"bias_pairs": "all"}),  # recorded as BiC's default before it became "newest" (issue 9)
     "der+mask": ("der", {"mask": True}),
     "der+memory": ("der", {"relearn_data": "memory", "warmup_epochs": 2}),
     "der+wa": ("der", {"classifier_stage": "weight_align"}),

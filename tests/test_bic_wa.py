@@ -53,7 +53,7 @@ def _bic_at_task1(state, method_args=None):
 
 
 def test_bias_layer_changes_only_its_own_task_columns():
-    b = BiasLayers()
+    b = BiasLayers("all")
     b.add_task(2)
     b.add_task(3)
     o = torch.randn(4, 5)
@@ -72,6 +72,29 @@ def test_bias_layer_changes_only_its_own_task_columns():
     q = b(o)
     assert torch.equal(q[:, :2], o[:, :2])
     torch.testing.assert_close(q[:, 2:5], 2.5 * o[:, 2:5] - 0.75)  # each block keeps its own pair
+    torch.testing.assert_close(q[:, 5:], 3.0 - o[:, 5:])
+
+
+def test_only_the_newest_pair_corrects_by_default():
+    """Eq. 4 of the paper: q_k = o_k for the old classes, alpha o_k + beta for the newest task's."""
+    b = BiasLayers()
+    b.add_task(2)
+    b.add_task(3)
+    with torch.no_grad():
+        b.alpha[1].fill_(2.5)
+        b.beta[1].fill_(-0.75)
+    o = torch.randn(4, 5)
+    q = b(o)
+    assert torch.equal(q[:, :2], o[:, :2])
+    torch.testing.assert_close(q[:, 2:], 2.5 * o[:, 2:] - 0.75)
+    b.add_task(1)  # a new task: its pair (1, 0) is the only one applied, every older block is raw
+    o = torch.randn(4, 6)
+    assert torch.equal(b(o), o)
+    with torch.no_grad():
+        b.alpha[2].fill_(-1.0)
+        b.beta[2].fill_(3.0)
+    q = b(o)
+    assert torch.equal(q[:, :5], o[:, :5])
     torch.testing.assert_close(q[:, 5:], 3.0 - o[:, 5:])
 
 
@@ -164,8 +187,9 @@ def test_stage_2_loss_is_plain_cross_entropy_on_corrected_logits():
     assert m.stage2_loss(None, y).item() != pytest.approx(expected, rel=1e-3)
 
 
-def test_kd_targets_are_the_teachers_corrected_logits(bic_after_task0):
-    d = _driver("bic")
+@pytest.mark.parametrize("pairs", ["newest", "all"])
+def test_kd_targets_are_the_teachers_corrected_logits(pairs, bic_after_task0):
+    d = _driver("bic", {"bias_pairs": pairs})
     d.load_state_dict(bic_after_task0)
     m, rt = d.method, d.runtime
     with torch.no_grad():  # give the old block a non-trivial correction before the teacher copy
@@ -178,8 +202,9 @@ def test_kd_targets_are_the_teachers_corrected_logits(bic_after_task0):
     x = rt.augment.test(x)
     raw = d.net(x)["logits"].detach()
     q = raw.clone()
-    q[:, :2] = 2.0 * raw[:, :2] + 0.5  # the student's old block carries the frozen pair too
-    q_hat = 2.0 * raw[:, :2] + 0.5  # teacher = previous model with its bias layer
+    if pairs == "all":
+        q[:, :2] = 2.0 * raw[:, :2] + 0.5  # PyCIL: the student's old block carries the frozen pair too
+    q_hat = 2.0 * raw[:, :2] + 0.5  # teacher = previous model with its (then newest) bias pair
     lam = 0.5
     expected = lam * kd_loss(q[:, :2], q_hat, 2.0) + (1 - lam) * F.cross_entropy(q, y)
     got = m.loss(x, y)

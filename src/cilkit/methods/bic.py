@@ -41,14 +41,22 @@ class BiCHyper:
     stage2_weight_decay: float | None = param(None, ge=0)
     stage2_milestones: list[int] | None = None
     stage2_double_softmax: bool = False  # True: PyCIL's CE(softmax(q), y) (a double softmax); False: CE(q, y), the paper
+    # Which (alpha, beta) pairs correct the logits: the newest task's only, the older blocks raw (Wu et al.
+    # 2019, Eq. 4; official code resnet.py:505-520, 561-578: raw logits in stage 1, the newest pair in the
+    # teacher and at test time), or every task's pair on its own block for ever (PyCIL's bias_layers).
+    bias_pairs: Literal["newest", "all"] = "newest"
     stage2_bn_train: bool = False  # True: BatchNorm in train mode during stage 2 (PyCIL calls network.train())
 
 
 class BiasLayers(nn.Module):
-    """One (alpha, beta) pair per task, applied to that task's block of logits."""
+    """One (alpha, beta) pair per task. ``pairs="newest"`` (the paper's Eq. 4, the official code) applies
+    only the newest task's pair to its block of logits, every other block raw; ``"all"`` (PyCIL) applies
+    every task's pair to its own block."""
 
-    def __init__(self):
+    def __init__(self, pairs: str = "newest"):
         super().__init__()
+        self.pairs = pairs
+        self.active: int | None = None  # with "newest": the task whose pair applies (None: the last one)
         self.alpha = nn.ParameterList()
         self.beta = nn.ParameterList()
         self.sizes: list[int] = []
@@ -63,9 +71,15 @@ class BiasLayers(nn.Module):
         self.sizes.append(n_classes)
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        """q = alpha_t * o + beta_t on the columns of every task t."""
+        """q = alpha_t * o + beta_t on the columns of the newest task t (or of every task t)."""
         if not self.sizes:
             return logits
+        if self.pairs == "newest":
+            t = len(self.sizes) - 1 if self.active is None else self.active
+            start = sum(self.sizes[:t])
+            stop = start + self.sizes[t]
+            corrected = logits[:, start:stop] * self.alpha[t] + self.beta[t]
+            return torch.cat([logits[:, :start], corrected, logits[:, stop:]], 1)
         scale = torch.stack(list(self.alpha))[self.column_task]
         shift = torch.stack(list(self.beta))[self.column_task]
         return logits * scale + shift
@@ -95,7 +109,7 @@ class BiC(Method):
 
     def __init__(self, hp, net, ctx):
         super().__init__(hp, net, ctx)
-        self.bias = BiasLayers()
+        self.bias = BiasLayers(hp.bias_pairs)
         self.model = BiasCorrectedNet(self.net, self.bias)
         self.val_idx: torch.Tensor | None = None  # V of the current task (rebuilt by before_task)
 
@@ -107,6 +121,12 @@ class BiC(Method):
 
     def distilled(self) -> nn.Module:
         return self.model
+
+    def start_task(self, task: Task) -> None:
+        """The teacher is the previous model as it predicted: its newest pair is the previous task's."""
+        super().start_task(task)
+        if self.teacher is not None:
+            self.teacher.module.bias.active = task.index - 1
 
     # -- the validation split --------------------------------------------------------------------
 
