@@ -235,3 +235,11 @@ def test_extra_stages_keep_their_own_optimizer_under_a_main_adam(method, args, s
 def test_an_sgd_scale_rate_for_an_adam_stage_is_refused(method, field):
     with pytest.raises(cilkit.errors.ConfigError, match=f"method_args.{field}_lr"):
         cilkit.resolve([{"method": method, "method_args": {f"{field}_optimizer": "adam", f"{field}_lr": 0.05}}])
+
+
+def test_ucir_paper_presets_run_what_the_authors_ran():
+    from cilkit.presets import load_yaml, preset_names
+
+    names = [n for n in preset_names() if n.startswith("papers/ucir-")]
+    assert len(names) >= 6
+    assert all(load_yaml(n)["method_args"]["cbf"] is False for n in names)  # the official scripts: no CBF
