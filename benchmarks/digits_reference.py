@@ -75,7 +75,8 @@ def run_method(name: str) -> dict:
 
     method, args = VARIANTS.get(name, (name, {}))
     with tempfile.TemporaryDirectory() as tmp:
-        config = {"method": method, "method_args": args, "device": "cpu"}
+        # eval.batch_size pinned to the batch the reference was recorded with (the CPU default became 128)
+        config = {"method": method, "method_args": args, "device": "cpu", "eval": {"batch_size": 1024}}
         metrics = cilkit.run(config, run_dir=Path(tmp) / "run", progress="off")
     return strip_timings(metrics)
 

@@ -243,3 +243,14 @@ def test_ucir_paper_presets_run_what_the_authors_ran():
     names = [n for n in preset_names() if n.startswith("papers/ucir-")]
     assert len(names) >= 6
     assert all(load_yaml(n)["method_args"]["cbf"] is False for n in names)  # the official scripts: no CBF
+
+
+def test_phase_times_are_recorded_and_the_cpu_evaluates_in_cache_sized_batches(tmp_path):
+    metrics = cilkit.run({**FAST, "method": "replay", "memory": {"size": 40}}, run_dir=tmp_path / "r")
+    phases = metrics["tasks"][1]["phase_seconds"]
+    assert set(phases) == {"before_task", "train", "after_task", "class_means", "evaluate"}
+    assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= metrics["tasks"][1]["wall_time_s"] + 1e-6
+    exp = cilkit.Experiment(cilkit.resolve([{**FAST, "method": "finetune"}]), tmp_path / "x", progress="off")
+    assert exp.runtime.eval_batch_size == 128
+    exp = cilkit.Experiment(cilkit.resolve([{**FAST, "method": "finetune", "eval": {"batch_size": 512}}]), tmp_path / "y", progress="off")
+    assert exp.runtime.eval_batch_size == 512

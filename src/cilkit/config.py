@@ -97,7 +97,9 @@ class MemoryConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 1024
+    # None: 1024 on a GPU, 128 on the CPU, where a convolution's forward is about 3x slower per image at
+    # 1024 than at 128 (benchmarks and docs/results.md, "Time outside training")
+    batch_size: int | None = None
     topk: int = 5
 
 
@@ -194,7 +196,7 @@ def validate(cfg: Config) -> None:
         positive(f"train.{name}", getattr(cfg.train, name))
     for name in ("first_epochs", "first_lr"):
         positive(f"train.{name}", getattr(cfg.train, name), allow_none=True)
-    positive("eval.batch_size", cfg.eval.batch_size)
+    positive("eval.batch_size", cfg.eval.batch_size, allow_none=True)
     positive("eval.topk", cfg.eval.topk)
     positive("data.image_size", cfg.data.image_size, allow_none=True)
     if cfg.name is not None and (not cfg.name.strip() or any(c in cfg.name for c in "/\\") or cfg.name in (".", "..")):

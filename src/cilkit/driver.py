@@ -9,6 +9,7 @@ built method; it knows no config, no registry and no run folder.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -21,6 +22,23 @@ from cilkit.metrics import run_summary, task_accuracies
 from cilkit.training.runtime import Runtime, rng_state, set_rng_state
 
 log = logging.getLogger("cilkit")
+
+
+class PhaseClock:
+    """Wall time of the named phases of a task (``with clock("train"): ...``), device work included."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 class TaskDriver:
@@ -62,19 +80,26 @@ class TaskDriver:
     def run_task(self, task: Task) -> dict:
         start = time.perf_counter()
         m = self.method
-        self.open_task(task)
+        clock = PhaseClock()
+        with clock("before_task"):
+            self.open_task(task)
         n_tasks = len(self.scenario.tasks)
-        stats = m.fit(m.param_groups(task), m.train_indices(task), m.stage(task), m.loss, desc=f"task {task.index + 1}/{n_tasks}")
-        m.after_task(task)
-        m.end_task(task)
+        with clock("train"):
+            stats = m.fit(m.param_groups(task), m.train_indices(task), m.stage(task), m.loss, desc=f"task {task.index + 1}/{n_tasks}")
+        with clock("after_task"):  # the method's post-processing, extra stages and exemplar selection
+            m.after_task(task)
+            m.end_task(task)
         if self.memory is not None:
-            self.class_means = class_means(self.memory, m.features, self.nme_flip)
+            with clock("class_means"):
+                self.class_means = class_means(self.memory, m.features, self.nme_flip)
         record = {"task": task.index, "classes": [task.start, task.stop], "n_seen": task.stop}
-        record.update(self.evaluate(task))
+        with clock("evaluate"):
+            record.update(self.evaluate(task))
         record.update(m.task_metrics())
         record.update(
             train_images=stats["images"], train_seconds=stats["seconds"], train_images_per_s=stats["images_per_s"],
             memory_size=len(self.memory) if self.memory is not None else 0,
+            phase_seconds=clock.seconds,
             wall_time_s=time.perf_counter() - start,
         )
         self.records.append(record)

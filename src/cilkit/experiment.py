@@ -115,7 +115,7 @@ def build_driver(cfg: Config, scenario: Scenario, progress: str = "auto") -> Tas
         device, ImageStore(ds.train, device, on_device), ImageStore(ds.test, device, on_device), augment,
         amp=cuda if cfg.train.amp is None else cfg.train.amp,
         channels_last=cuda if cfg.train.channels_last is None else cfg.train.channels_last,
-        eval_batch_size=cfg.eval.batch_size,
+        eval_batch_size=cfg.eval.batch_size or (128 if device.type == "cpu" else 1024),
     )
     cls = method_class(cfg)
     memory = None
