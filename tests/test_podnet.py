@@ -1,16 +1,22 @@
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import FakeContext, assert_complete_run, smoke_run
+from tiny import SMALL_CONVNET, SMOKE, FakeContext, assert_complete_run, open_task, smoke_run, tiny_cfg, tiny_driver
 
+import cilkit
 from cilkit.data.scenario import Task
+from cilkit.errors import ConfigError
+from cilkit.experiment import Experiment
 from cilkit.losses.pod import nca_loss, pod_flat, pod_spatial
 from cilkit.methods.base import Teacher
 from cilkit.methods.podnet import PODNet, kmeans_proxies
 from cilkit.models.heads import LocalSimilarityClassifier
 from cilkit.models.network import build_network
+from cilkit.presets import load_yaml, preset_names
+from cilkit.training.stage import Stage
 
 
 def _method(backbone="mlp", shape=(1, 8, 8), **hp):
@@ -188,3 +194,121 @@ def test_smoke_run(tmp_path):
     assert_complete_run(metrics, nme=True)
     head = exp.method.net.head
     assert isinstance(head, LocalSimilarityClassifier) and head.n_classes == 10 and head.weight.shape[0] == 10 * 10
+
+
+# -- configuration: the official code's options, and what is refused ---------------------------------
+
+OFFICIAL = {"flat_loss": "cosine", "nca_compat": True, "nca_hinge": False, "similarity": "neg_sq_distance",
+            "grad_clamp": 5.0, "zero_residual": True, "finetune_bn": "train", "finetune_optimizer": "sgd"}
+OFFICIAL_NETWORK = {"resnet32": {"block_relu": False, "penultimate_map": True},  # "rebuffi", my_resnet.py
+                    "resnet18": {"stage_relu": False}}  # resnet.py
+
+
+def test_backbone_kwargs_pass_only_what_differs_from_the_default_network():
+    assert PODNet.backbone_kwargs(PODNet.parse_args({})) == {"last_relu": False}
+    hp = PODNet.parse_args({"block_relu": False, "zero_residual": True, "penultimate_map": True})
+    assert PODNet.backbone_kwargs(hp) == {"last_relu": False, "block_relu": False, "zero_residual": True,
+                                          "penultimate_map": True}
+    net = build_network("resnet32", (3, 32, 32), **PODNet.backbone_kwargs(hp))
+    assert len(net.backbone(torch.randn(2, 3, 32, 32))["maps"]) == 4  # the official attention list
+    assert not any(b.relu for s in net.backbone.stages for b in s)
+
+
+PAPERS = ["podnet-cifar100-b0inc10", "podnet-cifar100-b50inc1", "podnet-cifar100-b50inc2", "podnet-cifar100-b50inc5",
+          "podnet-cifar100-b50inc10", "podnet-imagenet100"]
+
+
+@pytest.mark.parametrize("preset", PAPERS)
+def test_papers_presets_select_the_official_code(preset):
+    merged = load_yaml(f"papers/{preset}")
+    backbone = merged["model"]["backbone"]
+    args = merged["method_args"]
+    expected = {**OFFICIAL, **OFFICIAL_NETWORK[backbone]}
+    assert {k: args.get(k) for k in expected} == expected
+    if backbone == "resnet18":
+        assert (args["lambda_spatial"], args["lambda_flat"], args["finetune_lr"]) == (8.0, 10.0, 0.01)
+    hp = PODNet.parse_args(args)  # every key is an option, every value in range
+    cfg = SimpleNamespace(model=SimpleNamespace(backbone=backbone))
+    PODNet.check_config(cfg, hp)  # and the backbone honours them
+    assert PODNet.needs_maps(hp)
+    net = build_network(backbone, (3, 32, 32), **PODNet.backbone_kwargs(hp))
+    assert len(net.backbone(torch.randn(2, 3, 32, 32))["maps"]) == 4
+
+
+def test_the_preset_list_is_complete():
+    assert sorted(p.removeprefix("papers/") for p in preset_names() if p.startswith("papers/podnet-")) == sorted(PAPERS)
+
+
+def test_mlp_backbone_is_refused_while_pod_spatial_is_on():
+    with pytest.raises(ConfigError) as e:
+        tiny_cfg("podnet")
+    assert e.value.field == "model.backbone" and "podnet" in e.value.message
+    assert tiny_cfg("podnet", {"lambda_spatial": 0.0}).model.backbone == "mlp"  # POD-flat alone needs no maps
+
+
+def test_an_sgd_rate_for_an_adam_finetuning_is_refused():
+    with pytest.raises(ConfigError) as e:
+        tiny_cfg("podnet", {"finetune_optimizer": "adam", "finetune_lr": 0.05}, model=SMALL_CONVNET)
+    assert e.value.field == "method_args.finetune_lr"
+    assert tiny_cfg("podnet", {"finetune_optimizer": "adam", "finetune_lr": 1e-3}, model=SMALL_CONVNET)
+
+
+@pytest.mark.parametrize("option", [{"block_relu": False}, {"stage_relu": False}, {"zero_residual": True},
+                                    {"penultimate_map": True}])
+def test_network_options_are_refused_without_residual_blocks(option):
+    with pytest.raises(ConfigError) as e:
+        tiny_cfg("podnet", option, model=SMALL_CONVNET)
+    assert e.value.field == f"method_args.{next(iter(option))}" and "residual blocks" in e.value.message
+
+
+# -- the balanced finetuning: its optimizer and BatchNorm --------------------------------------------
+
+
+def test_finetuning_has_its_own_optimizer_whatever_train_optimizer_is():
+    m = _method("convnet", finetune_epochs=3, finetune_lr=0.02)
+    m.ctx = FakeContext(stage=Stage(epochs=9, lr=1e-3, optimizer="adam", schedule="cosine"), seed=0)
+    m.update_memory = lambda task: None
+    m.ctx.memory = SimpleNamespace(indices=lambda: torch.arange(4), selection="herding")
+    _grow(m, 0, 0, 2)
+    m.after_task(_grow(m, 1, 2, 4))
+    (fit,) = m.ctx.fits
+    stage = fit["stage"]
+    assert (stage.optimizer, stage.lr, stage.epochs, stage.schedule) == ("sgd", 0.02, 3, "constant")
+    assert [p for g in fit["groups"] for p in g["params"]] == list(m.net.head.blocks)
+
+
+def _bn_stats(net):
+    return {k: v.clone() for k, v in net.backbone.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+@pytest.mark.parametrize("finetune_bn", ["frozen", "train"])
+def test_finetuning_batchnorm_frozen_or_re_estimated(finetune_bn):
+    d = tiny_driver("podnet", {"finetune_epochs": 1, "finetune_bn": finetune_bn}, model=SMALL_CONVNET)
+    m = d.method
+    d.run_task(d.scenario.tasks[0])
+    t1 = open_task(d, 1)
+    stats = _bn_stats(m.net)
+    weights = {k: v.clone() for k, v in m.net.backbone.state_dict().items() if k not in stats}
+    proxies = torch.cat(list(m.net.head.blocks)).detach().clone()
+    updates, update = [], m.memory.update
+    m.memory.update = lambda *a, **k: updates.append(a[0]) or update(*a, **k)
+    m.after_task(t1)
+    after = _bn_stats(m.net)
+    assert all(torch.equal(v, m.net.backbone.state_dict()[k]) for k, v in weights.items())  # never stepped
+    assert not torch.equal(torch.cat(list(m.net.head.blocks)), proxies)
+    moved = [k for k in stats if not torch.equal(stats[k], after[k])]
+    if finetune_bn == "frozen":
+        assert moved == [] and len(updates) == 1
+    else:  # re-estimated on the balanced memory; then the new classes' herding is redone with them
+        assert moved and len(updates) == 2 and list(updates[1]) == list(t1.classes)
+    assert {len(v) for v in m.memory.exemplars.values()} == {60 // t1.stop} and len(m.memory.exemplars) == t1.stop
+
+
+@pytest.mark.slow
+def test_smoke_run_of_the_official_configuration(tmp_path):
+    """Every official option at once, on the official CIFAR network (resnet32), two digit tasks (~30 s)."""
+    args = {**OFFICIAL, **OFFICIAL_NETWORK["resnet32"], "finetune_epochs": 2}
+    layer = {**SMOKE, "model": {"backbone": "resnet32"}, "method": "podnet", "method_args": args, "memory": {"size": 60}}
+    exp = Experiment(cilkit.resolve([layer]), tmp_path / "official", progress="off")
+    assert_complete_run(exp.execute(), nme=True)
+    assert len(exp.method.net.backbone(torch.zeros(1, 1, 8, 8))["maps"]) == 4

@@ -8,7 +8,10 @@ POD-flat); after each task the classifier is finetuned on the class-balanced mem
 
     L = L_LSC + sqrt(|C_{1:t}| / |C_t|) * (lambda_c L_spatial + lambda_f L_flat)
 
-Losses, options and their sources: docs/methods/podnet.md
+The defaults are the paper's method; the official code's departures are options (``flat_loss``,
+``nca_compat``/``nca_hinge``, ``similarity``, ``grad_clamp``, the network's ``block_relu``,
+``stage_relu``, ``zero_residual``, ``penultimate_map``, and ``finetune_bn``), which the
+``papers/podnet-*`` presets select. Losses, options and their sources: docs/methods/podnet.md
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from cilkit.data.scenario import Task
+from cilkit.errors import ConfigError
 from cilkit.losses.pod import nca_loss, pod_flat, pod_spatial
-from cilkit.methods.base import Method
+from cilkit.methods.base import Method, StageOptimizer
+from cilkit.models.backbones import RESIDUAL_BACKBONES, RESNET_OPTIONS
 from cilkit.models.heads import LocalSimilarityClassifier, mean_row_norm
 from cilkit.schema import param
 
@@ -42,7 +47,16 @@ class PODNetHyper:
     flat_loss: Literal["l2", "cosine"] = "l2"  # paper: L2 distance; official code: 1 - cos
     finetune_epochs: int = param(20, ge=0)  # balanced finetuning (official CIFAR YAML finetuning_config.epochs)
     finetune_lr: float = param(0.05, gt=0)  # constant lr (official CIFAR YAML; ImageNet 0.01; PyCIL 0.005)
+    finetune_optimizer: StageOptimizer = "sgd"  # official: the run's optimizer, SGD in both YAMLs, whatever train.optimizer is
+    # spec §15.3: BatchNorm frozen in the finetuning; "train": the official code finetunes in train mode, so the
+    # running statistics are re-estimated on the balanced memory (the backbone is still not stepped)
+    finetune_bn: Literal["frozen", "train"] = "frozen"
     grad_clamp: float | None = param(None, gt=0)  # official code clamps every gradient to [-5, 5]; the paper says nothing
+    # the ResNet (resnet32, resnet18, resnet18_cifar only; see cilkit.models.backbones); defaults: He et al.'s blocks
+    block_relu: bool = True  # False: no ReLU after any residual block (official CIFAR "rebuffi" ResNet-32)
+    stage_relu: bool = True  # False: no ReLU after the last block of each stage (official ImageNet resnet18)
+    zero_residual: bool = False  # True: each block's last BatchNorm scale starts at 0 (both official networks)
+    penultimate_map: bool = False  # True: POD-spatial also distils the last stage's penultimate block (official rebuffi: 4 maps)
 
 
 def kmeans_proxies(features: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
@@ -71,6 +85,28 @@ class PODNet(Method):
     memory_use = "required"
     distills = True  # the previous model: its stage maps a_l and embedding h*
     backbone_options: ClassVar[dict] = {"last_relu": False}  # signed, pre-ReLU embedding (official convnet_config)
+
+    @classmethod
+    def backbone_kwargs(cls, hp) -> dict:
+        """``last_relu=False`` and the ResNet options that differ from He et al.'s (only those, so the
+        default network is built exactly as without them)."""
+        kw = dict(cls.backbone_options)
+        kw.update({k: getattr(hp, k) for k, default in RESNET_OPTIONS.items() if getattr(hp, k) != default})
+        return kw
+
+    @classmethod
+    def needs_maps(cls, hp) -> bool:
+        """POD-spatial distils the stage maps: without them (the MLP) it would be silently 0."""
+        return hp.lambda_spatial > 0
+
+    @classmethod
+    def check_config(cls, cfg, hp) -> None:
+        cls.check_stage_rate("finetune_lr", hp.finetune_optimizer, hp.finetune_lr)
+        backbone = cfg.model.backbone
+        for k, default in RESNET_OPTIONS.items():
+            if getattr(hp, k) != default and backbone not in RESIDUAL_BACKBONES:
+                raise ConfigError(f"method_args.{k}", f"'{backbone}' has no residual blocks; {k} applies to "
+                                  f"{', '.join(RESIDUAL_BACKBONES)} only: remove it or change model.backbone")
 
     def __init__(self, hp, net, ctx):
         super().__init__(hp, net, ctx)
@@ -124,17 +160,28 @@ class PODNet(Method):
     def after_task(self, task: Task) -> None:
         """Herding (every class cut to the same quota), then classifier-only balanced finetuning.
 
-        The official code rebuilds the memory again afterwards; with the backbone and its BatchNorm
-        statistics untouched by the finetuning, that selection would be the same one.
+        The official code rebuilds the memory again afterwards. With BatchNorm frozen (the default)
+        the backbone is untouched by the finetuning and that selection would be the same one; with
+        ``finetune_bn: train`` the statistics moved, so the new classes' herding is redone.
         """
         self.update_memory(task)
         if task.index == 0 or self.hp.finetune_epochs <= 0:
             return
-        stage = self.stage(task).replace(
-            epochs=self.hp.finetune_epochs, lr=self.hp.finetune_lr, schedule="constant"
-        )
+        hp = self.hp
+        stage = self.extra_stage(task, epochs=hp.finetune_epochs, lr=hp.finetune_lr, optimizer=hp.finetune_optimizer,
+                                 schedule="constant")  # the official finetuning sets no scheduler
         # official ``tuning: classifier``: all proxies (old ones included); eta stays as trained
-        self.balanced_finetune(list(self.net.head.blocks), stage, self.finetune_loss)
+        train_mode = self.net.train if hp.finetune_bn == "train" else None  # None: backbone in eval mode
+        self.balanced_finetune(list(self.net.head.blocks), stage, self.finetune_loss, train_mode=train_mode)
+        if hp.finetune_bn == "train" and self.memory.selection == "herding":
+            self.reselect_new(task)
+
+    def reselect_new(self, task: Task) -> None:
+        """The new classes' exemplars chosen again with the model after the finetuning (the official
+        ``_after_task_intensive`` rebuild); the old classes keep theirs."""
+        for c in task.classes:
+            self.memory.exemplars.pop(int(c), None)
+        self.update_memory(task)
 
     # -- the official code's gradient clamp -----------------------------------------------------
 

@@ -3,6 +3,13 @@
 ``forward(x)`` returns ``{"features": (B, out_dim), "maps": [stage outputs]}``; the stage maps are
 what PODNet, LwM and SPB-I need (the last one is the pre-pooling map), and they cost nothing extra.
 ``last_relu=False`` drops the ReLU at the end of the last block (UCIR/PODNet's signed embedding).
+
+The ResNets take four more options (``RESNET_OPTIONS``; the defaults are He et al.'s network and
+change nothing): ``block_relu=False`` drops the ReLU after every residual block, ``stage_relu=False``
+only the one after the last block of each stage, ``zero_residual=True`` starts the last BatchNorm
+scale of every block at 0 (each block is then the identity on its shortcut path), and
+``penultimate_map=True`` adds the output of the last stage's penultimate block to ``maps``, before
+the final map. These are the official PODNet networks' settings (docs/methods/podnet.md).
 """
 
 from __future__ import annotations
@@ -59,8 +66,19 @@ class BasicBlock(nn.Module):
         return F.relu(out) if self.relu else out
 
 
+RESNET_OPTIONS = {"block_relu": True, "stage_relu": True, "zero_residual": False, "penultimate_map": False}
+RESIDUAL_BACKBONES = ("resnet32", "resnet18", "resnet18_cifar")  # the backbones that take RESNET_OPTIONS
+
+
 class ResNet(nn.Module):
-    """A ResNet of basic blocks: a stem, stages of blocks, global average pooling."""
+    """A ResNet of basic blocks: a stem, stages of blocks, global average pooling.
+
+    A block is followed by a ReLU when ``block_relu``, and, for the last block of a stage, also
+    ``stage_relu``, and, for the network's last block, also ``last_relu``. ``zero_residual`` sets the
+    scale of every block's second BatchNorm to 0 (Goyal et al.'s zero-init residual). With
+    ``penultimate_map`` the maps are the stage outputs with, before the last, the output of the last
+    stage's penultimate block.
+    """
 
     def __init__(
         self,
@@ -70,8 +88,15 @@ class ResNet(nn.Module):
         stem: str,
         shortcut: str,
         last_relu: bool = True,
+        block_relu: bool = True,
+        stage_relu: bool = True,
+        zero_residual: bool = False,
+        penultimate_map: bool = False,
     ):
         super().__init__()
+        if penultimate_map and blocks[-1] < 2:
+            raise ValueError("penultimate_map needs at least 2 blocks in the last stage")
+        self.penultimate_map = penultimate_map
         w0 = widths[0]
         if stem == "imagenet":
             self.stem = nn.Sequential(
@@ -84,8 +109,10 @@ class ResNet(nn.Module):
         for i, (w, n) in enumerate(zip(widths, blocks)):
             layers = []
             for j in range(n):
-                last = i == len(widths) - 1 and j == n - 1
-                layers.append(BasicBlock(cin, w, 2 if (j == 0 and i > 0) else 1, shortcut, relu=last_relu or not last))
+                stage_end = j == n - 1
+                last = i == len(widths) - 1 and stage_end
+                relu = block_relu and (stage_relu or not stage_end) and (last_relu or not last)
+                layers.append(BasicBlock(cin, w, 2 if (j == 0 and i > 0) else 1, shortcut, relu=relu))
                 cin = w
             stages.append(nn.Sequential(*layers))
         self.stages = nn.ModuleList(stages)
@@ -93,9 +120,25 @@ class ResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if zero_residual:  # no random draw: the other weights are those of the same seed without it
+            for m in self.modules():
+                if isinstance(m, BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> dict:
-        return stage_outputs(self.stages, self.stem(x))
+        if not self.penultimate_map:
+            return stage_outputs(self.stages, self.stem(x))
+        x, maps = self.stem(x), []
+        for stage in self.stages[:-1]:
+            x = stage(x)
+            maps.append(x)
+        last = self.stages[-1]
+        for block in last[:-1]:
+            x = block(x)
+        maps.append(x)
+        x = last[-1](x)
+        maps.append(x)
+        return {"features": torch.flatten(F.adaptive_avg_pool2d(x, 1), 1), "maps": maps}
 
 
 class ConvNet(nn.Module):
@@ -134,22 +177,45 @@ class MLP(nn.Module):
         return {"features": x, "maps": []}
 
 
-def resnet32(in_channels: int = 3, last_relu: bool = True) -> ResNet:
-    """CIFAR ResNet-32 (3 stages of 5 blocks, 16/32/64 channels, 64-d features, shortcut A)."""
-    return ResNet(in_channels, (16, 32, 64), (5, 5, 5), stem="cifar", shortcut="A", last_relu=last_relu)
+def resnet32(in_channels: int = 3, last_relu: bool = True, **options) -> ResNet:
+    """CIFAR ResNet-32 (3 stages of 5 blocks, 16/32/64 channels, 64-d features, shortcut A);
+    ``options``: ``RESNET_OPTIONS``."""
+    return ResNet(in_channels, (16, 32, 64), (5, 5, 5), stem="cifar", shortcut="A", last_relu=last_relu, **options)
 
 
-def resnet18(in_channels: int = 3, last_relu: bool = True, stem: str = "imagenet") -> ResNet:
-    """ResNet-18 (512-d); ``stem="cifar"``: 3x3 stride-1 stem without max-pool for small images."""
-    return ResNet(in_channels, (64, 128, 256, 512), (2, 2, 2, 2), stem=stem, shortcut="B", last_relu=last_relu)
+def resnet18(in_channels: int = 3, last_relu: bool = True, stem: str = "imagenet", **options) -> ResNet:
+    """ResNet-18 (512-d); ``stem="cifar"``: 3x3 stride-1 stem without max-pool for small images;
+    ``options``: ``RESNET_OPTIONS``."""
+    return ResNet(in_channels, (64, 128, 256, 512), (2, 2, 2, 2), stem=stem, shortcut="B", last_relu=last_relu, **options)
+
+
+def _resnet_options(kw: dict) -> dict:
+    return {k: kw[k] for k in RESNET_OPTIONS if k in kw}
+
+
+def _no_resnet_options(name: str, kw: dict) -> None:
+    """A backbone without residual blocks cannot honour ``RESNET_OPTIONS`` other than the defaults."""
+    given = [k for k, default in RESNET_OPTIONS.items() if kw.get(k, default) != default]
+    if given:
+        raise ValueError(f"backbone '{name}' has no residual blocks: {', '.join(given)} apply to {', '.join(RESIDUAL_BACKBONES)} only")
+
+
+def _convnet(shape, **kw) -> ConvNet:
+    _no_resnet_options("convnet", kw)
+    return ConvNet(shape[0], kw.get("widths") or (32, 64, 128), last_relu=kw.get("last_relu", True))
+
+
+def _mlp(shape, **kw) -> MLP:
+    _no_resnet_options("mlp", kw)
+    return MLP(shape, kw.get("hidden") or (256, 256), last_relu=kw.get("last_relu", True))
 
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
-    "resnet32": lambda shape, **kw: resnet32(shape[0], last_relu=kw.get("last_relu", True)),
-    "resnet18": lambda shape, **kw: resnet18(shape[0], last_relu=kw.get("last_relu", True)),
-    "resnet18_cifar": lambda shape, **kw: resnet18(shape[0], last_relu=kw.get("last_relu", True), stem="cifar"),
-    "convnet": lambda shape, **kw: ConvNet(shape[0], kw.get("widths") or (32, 64, 128), last_relu=kw.get("last_relu", True)),
-    "mlp": lambda shape, **kw: MLP(shape, kw.get("hidden") or (256, 256), last_relu=kw.get("last_relu", True)),
+    "resnet32": lambda shape, **kw: resnet32(shape[0], last_relu=kw.get("last_relu", True), **_resnet_options(kw)),
+    "resnet18": lambda shape, **kw: resnet18(shape[0], last_relu=kw.get("last_relu", True), **_resnet_options(kw)),
+    "resnet18_cifar": lambda shape, **kw: resnet18(shape[0], last_relu=kw.get("last_relu", True), stem="cifar", **_resnet_options(kw)),
+    "convnet": _convnet,
+    "mlp": _mlp,
 }
 
 
