@@ -254,3 +254,29 @@ def test_phase_times_are_recorded_and_the_cpu_evaluates_in_cache_sized_batches(t
     assert exp.runtime.eval_batch_size == 128
     exp = cilkit.Experiment(cilkit.resolve([{**FAST, "method": "finetune", "eval": {"batch_size": 512}}]), tmp_path / "y", progress="off")
     assert exp.runtime.eval_batch_size == 512
+
+
+def test_configs_show_prints_a_preset_with_what_it_extends(capsys):
+    import yaml
+
+    assert main(["configs", "--show", "protocols/fmnist/bic"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["method"] == "bic" and shown["data"]["dataset"] == "fashion-mnist" and shown["memory"]["size"] == 2000
+    assert main(["configs", "--show", "no/such"]) == 2
+
+
+def test_the_python_api_logs_progress_when_asked(tmp_path, capfd):
+    import logging
+
+    log = logging.getLogger("cilkit")
+    saved, propagate = log.handlers[:], log.propagate
+    log.handlers = [h for h in saved if not isinstance(h, logging.StreamHandler)]
+    log.propagate = False  # as in a plain Python session: nothing shows the records (pytest's root handlers would)
+    try:
+        cilkit.run({**FAST, "method": "finetune"}, run_dir=tmp_path / "quiet")
+        assert "epoch 1/1" not in capfd.readouterr().err
+        cilkit.run({**FAST, "method": "finetune"}, run_dir=tmp_path / "loud", progress="plain")
+        err = capfd.readouterr().err
+        assert "epoch 1/1" in err and "task 2/2" in err
+    finally:
+        log.handlers, log.propagate = saved, propagate

@@ -108,8 +108,13 @@ def cmd_methods(args) -> int:
 
 
 def cmd_configs(args) -> int:
-    from cilkit.presets import preset_names
+    import yaml
 
+    from cilkit.presets import load_yaml, preset_names
+
+    if args.show:
+        print(yaml.safe_dump(load_yaml(args.show), sort_keys=False).rstrip())
+        return 0
     for name in preset_names():
         print(name)
     return 0
@@ -141,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     sub.add_parser("methods", help="list the methods, their papers and hyperparameters")
-    sub.add_parser("configs", help="list the packaged presets")
+    p = sub.add_parser("configs", help="list the packaged presets")
+    p.add_argument("--show", metavar="NAME", help="print preset (or file) NAME with what it extends merged in")
     p = sub.add_parser("report", help="compare run folders: a table, a CSV and a plot")
     p.add_argument("runs", nargs="+", help="run folders, e.g. runs/*")
     p.add_argument("--plot", default="cilkit-report.png")

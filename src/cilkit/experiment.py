@@ -163,6 +163,16 @@ def default_run_dir(cfg: Config, scenario: Scenario) -> Path:
     return RUNS / name
 
 
+def _has_console(logger: logging.Logger) -> bool:
+    """Whether a record of ``logger`` reaches a stream (its own handlers or, propagating, the root's)."""
+    node = logger
+    while node is not None:
+        if any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in node.handlers):
+            return True
+        node = node.parent if node.propagate else None
+    return False
+
+
 def _attach_log(run: RunDir) -> logging.Handler:
     handler = logging.FileHandler(run.log_path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
@@ -184,6 +194,7 @@ class Experiment:
         self.scenario = scenario or build_scenario(cfg)
         self.run = RunDir(run_dir or default_run_dir(cfg, self.scenario))
         self.driver = build_driver(cfg, self.scenario, progress)
+        self.progress = progress
         self.resumed = False
         self.digest: str | None = None
 
@@ -268,6 +279,11 @@ class Experiment:
         if log.getEffectiveLevel() > logging.INFO:
             log.setLevel(logging.INFO)
         handler = _attach_log(self.run)
+        console = None
+        if self.progress != "off" and not _has_console(log):  # Python API with progress asked for: show it
+            console = logging.StreamHandler()
+            console.setFormatter(logging.Formatter("%(message)s"))
+            log.addHandler(console)
         try:
             log.info("class order: %s", self.scenario.order)
             log.info("tasks: %s classes", self.scenario.increments)
@@ -287,6 +303,8 @@ class Experiment:
         finally:
             log.removeHandler(handler)
             handler.close()
+            if console is not None:
+                log.removeHandler(console)
 
     def _save(self, write, task) -> None:
         """Write, or say clearly what could not be written; every file is replaced atomically, so the
