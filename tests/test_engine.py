@@ -22,7 +22,7 @@ def _cfg(**over):
 
 def _figures(metrics):
     """Everything in metrics.json except timings."""
-    drop = {"wall_time_s", "train_seconds", "train_images_per_s"}
+    drop = {"wall_time_s", "train_seconds", "train_images_per_s", "phase_seconds"}
     tasks = [{k: v for k, v in t.items() if k not in drop} for t in metrics["tasks"]]
     summary = {k: v for k, v in metrics["summary"].items() if k not in {"wall_time_s", "train_images_per_s"}}
     return tasks, summary
