@@ -280,3 +280,20 @@ def test_the_python_api_logs_progress_when_asked(tmp_path, capfd):
         assert "epoch 1/1" in err and "task 2/2" in err
     finally:
         log.handlers, log.propagate = saved, propagate
+
+
+def test_device_and_disk_are_checked_before_the_data(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import torch
+
+    if not torch.cuda.is_available():  # the data root holds no dataset: only the device may be named
+        assert main(["run", "--device", "cuda", "--dataset", "fmnist", "--data-root", str(tmp_path),
+                     "--run-dir", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err
+        assert "'device'" in err and "idx" not in err.lower()
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10 * 2**20))
+    assert main(["run", "--dataset", "fmnist", "--data-root", str(tmp_path), "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "MiB free" in err and "idx" not in err.lower() and not (tmp_path / "r").exists()

@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -67,6 +68,7 @@ def json_safe(obj, nulled: list[str] | None = None, _where: str = ""):
 
 
 _json_log = logging.getLogger("cilkit")
+MIN_FREE_BYTES = 64 * 2**20  # refused below this before any data is read (a checkpoint of ResNet-32 is ~2 MiB)
 
 
 class RunFolderError(CilkitError):
@@ -115,6 +117,10 @@ class RunDir:
             node = node.parent
         if not node.is_dir():
             raise RunFolderError(f"cannot create the run folder {self.path}: {node} is a file, not a folder")
+        free = shutil.disk_usage(node).free
+        if free < MIN_FREE_BYTES:
+            raise RunFolderError(f"only {free / 2**20:.0f} MiB free on the disk of {node}; a run folder needs at least "
+                                 f"{MIN_FREE_BYTES / 2**20:.0f} MiB (checkpoints, metrics); free space or choose another --run-dir")
         try:
             for folder in reversed(made):
                 folder.mkdir()
