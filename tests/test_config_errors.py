@@ -44,6 +44,8 @@ from cilkit.cli import main
         (["--seed", "4294967296"], "'seed'"),
         (["--set", "name=../../escape"], "'name'"),
         (["--set", "data.n_classes=0"], "'data.n_classes'"),
+        (["--set", "model.backbone=resnet32", "--set", "model.widths=[8,16]"], "'model.widths'"),
+        (["--set", "model.hidden=[64]"], "'model.hidden'"),
     ],
 )
 def test_bad_config_exits_2_naming_the_field(argv, field, tmp_path, capsys):

@@ -187,6 +187,9 @@ def validate(cfg: Config) -> None:
 
     choice("data.dataset", cfg.data.dataset, sorted(DATASETS))
     choice("model.backbone", cfg.model.backbone, sorted(BACKBONES))
+    for key, owner in (("widths", "convnet"), ("hidden", "mlp")):
+        if getattr(cfg.model, key) is not None and cfg.model.backbone != owner:
+            raise ConfigError(f"model.{key}", f"only the {owner} backbone has {key}; '{cfg.model.backbone}' would ignore it: remove it")
     choice("device", cfg.device, DEVICES)
     choice("train.optimizer", cfg.train.optimizer, OPTIMIZERS)
     choice("train.schedule", cfg.train.schedule, SCHEDULES)
