@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import SMALL_CONVNET, assert_complete_run, open_task, smoke_run, tiny_driver
+from tiny import SMALL_CONVNET, FixedLogits, assert_complete_run, open_task, smoke_run, tiny_driver
 
 from cilkit.data.scenario import Task
 from cilkit.experiment import build_driver
@@ -223,17 +223,6 @@ def test_wa_head_is_bias_free_unless_asked():
     d = _driver("wa", {"fc_bias": True})
     open_task(d, 0)
     assert d.net.head.blocks[0].bias is not None
-
-
-class FixedLogits(torch.nn.Module):
-    """A stand-in network whose logits are given by hand."""
-
-    def __init__(self, logits):
-        super().__init__()
-        self.logits = logits
-
-    def forward(self, x):
-        return {"logits": self.logits}
 
 
 def test_wa_lambda_and_kd_by_hand():

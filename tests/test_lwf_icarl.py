@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import FakeContext, assert_complete_run, smoke_run
+from tiny import FakeContext, FixedLogits, assert_complete_run, smoke_run
 
 import cilkit.methods.lwf as lwf_module
 from cilkit import resolve
@@ -18,17 +18,6 @@ from cilkit.methods.lwf import LwF
 from cilkit.models.network import build_network
 
 TASK0, TASK1 = Task(0, 0, 2), Task(1, 2, 4)  # two old classes, then two new ones
-
-
-class FixedLogits(torch.nn.Module):
-    """A stand-in teacher whose logits are given by hand."""
-
-    def __init__(self, logits):
-        super().__init__()
-        self.logits = logits
-
-    def forward(self, x):
-        return {"logits": self.logits}
 
 
 def _open(m, task):

@@ -1,9 +1,9 @@
 """Every registered method runs two tasks end to end and clears a floor that a broken method cannot."""
 
 import pytest
+from tiny import assert_complete_run, smoke_run
 
 from cilkit.methods import METHODS
-from tiny import assert_complete_run, smoke_run
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -110,3 +110,14 @@ class FakeContext:
         if self._features is None:
             raise AssertionError("this test's FakeContext has no features")
         return self._features(indices, forward, flip=flip, transform=transform)
+
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in network (or teacher) whose logits are given by hand."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x):
+        return {"logits": self.logits}
