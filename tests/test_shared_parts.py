@@ -97,3 +97,25 @@ def test_configured_stage_uses_the_first_task_settings_on_task_0_only():
     assert (first.epochs, first.lr, first.milestones) == (7, 0.5, [4, 6])
     assert (later.epochs, later.lr, later.milestones) == (3, 0.1, [2])
     assert later.replace(epochs=1).epochs == 1 and later.epochs == 3
+
+
+def test_the_loop_calls_before_step_with_the_gradients_in_place():
+    from cilkit.training.loop import fit
+    from cilkit.training.stage import Stage
+    from tiny import open_task, tiny_driver
+
+    d = tiny_driver("finetune")
+    open_task(d, 0)
+    net, seen = d.net, []
+    before = [p.detach().clone() for p in net.parameters()]
+
+    def zero_the_gradients():
+        seen.append(all(p.grad is not None for p in net.parameters()))
+        for p in net.parameters():
+            p.grad.zero_()
+
+    stage = Stage(epochs=1, lr=0.5, weight_decay=0.0, momentum=0.0, batch_size=32)
+    fit(d.runtime, [{"params": list(net.parameters())}], d.runtime.train_data.indices_of(range(2)), stage,
+        d.method.loss, before_step=zero_the_gradients)
+    assert seen and all(seen)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # zeroed gradients: no step moved them

@@ -55,7 +55,8 @@ class Context(Protocol):
         """The configured stage (epochs, optimizer, schedule) of ``task``."""
 
     def fit(self, groups: list[dict], indices: torch.Tensor, stage: Stage, loss: Loss, *,
-            batches: Callable, train_mode: Callable[[], None], after_step: Callable[[], None], desc: str = "") -> dict:
+            batches: Callable, train_mode: Callable[[], None], after_step: Callable[[], None],
+            before_step: Callable[[], None] = ..., desc: str = "") -> dict:
         """The training loop (:func:`cilkit.training.loop.fit`)."""
 
     def features(self, indices: torch.Tensor, forward: Callable[[torch.Tensor], dict], *, flip: bool = False,
@@ -219,6 +220,9 @@ class Method:
         """Loss of one augmented batch: cross-entropy over all seen classes."""
         return F.cross_entropy(self.net(x)["logits"], y)
 
+    def before_step(self) -> None:
+        """Called between the backward pass and the optimizer step (e.g. a gradient projection)."""
+
     def after_step(self) -> None:
         """Called after every optimizer step (e.g. weight clipping)."""
 
@@ -258,8 +262,8 @@ class Method:
             train_mode: Callable[[], None] | None = None, desc: str = "") -> dict:
         """Run the training loop with this method's batching and step hook (and ``train_mode``, the
         modes of the stage: the method's own by default)."""
-        return self.ctx.fit(groups, indices, stage, loss, batches=self.epoch_batches,
-                            train_mode=train_mode or self.train_mode, after_step=self.after_step, desc=desc)
+        return self.ctx.fit(groups, indices, stage, loss, batches=self.epoch_batches, train_mode=train_mode or self.train_mode,
+                            before_step=self.before_step, after_step=self.after_step, desc=desc)
 
     def extra_stage(self, task: Task, *, epochs: int, lr: float, optimizer: str, **changes) -> Stage:
         """The stage of an extra training phase (finetuning, re-learning): the task's stage with the

@@ -40,9 +40,10 @@ class TrainingContext:
     def stage(self, task: Task) -> Stage:
         return self._stage_of(task.index)
 
-    def fit(self, groups, indices, stage, loss, *, batches, train_mode, after_step, desc: str = "") -> dict:
+    def fit(self, groups, indices, stage, loss, *, batches, train_mode, after_step, before_step=lambda: None,
+            desc: str = "") -> dict:
         return fit(self.runtime, groups, indices, stage, loss, batches=batches, train_mode=train_mode,
-                   after_step=after_step, at=self.at, progress=self.progress, desc=desc)
+                   before_step=before_step, after_step=after_step, at=self.at, progress=self.progress, desc=desc)
 
     def features(self, indices, forward, *, flip: bool = False, transform=None) -> torch.Tensor:
         return self.runtime.features(indices, forward, flip=flip, transform=transform)

@@ -63,6 +63,7 @@ def fit(
     *,
     batches: Batches = shuffled_batches,
     train_mode: Callable[[], None] = lambda: None,
+    before_step: Callable[[], None] = lambda: None,
     after_step: Callable[[], None] = lambda: None,
     at: StepInfo | None = None,
     progress: Progress | None = None,
@@ -71,7 +72,8 @@ def fit(
     """Train ``groups`` for ``stage.epochs`` epochs over the training samples ``indices``.
 
     ``train_mode()`` is called at the start of every epoch (it sets the modules' modes for the
-    stage), ``after_step()`` after every optimizer step; ``at`` is kept up to date. Returns the
+    stage), ``before_step()`` between the backward pass and the optimizer step (the gradients are
+    in ``.grad``: GEM's projection), ``after_step()`` after every optimizer step; ``at`` is kept up to date. Returns the
     images seen, the time taken and the throughput.
     """
     at = at if at is not None else StepInfo()
@@ -98,6 +100,7 @@ def fit(
                 value = loss(x, y)
             optimizer.zero_grad(set_to_none=True)
             value.backward()
+            before_step()
             optimizer.step()
             scheduler.step()
             after_step()
