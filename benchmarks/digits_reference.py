@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.record:
             path.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
             status = "recorded"
+        elif not path.exists():
+            status = "no reference recorded (record it with --record --methods NAME)"
         else:
             recorded, now = json.loads(path.read_text()), json.loads(json.dumps(current))
             diffs = differences({k: recorded.get(k) for k in COMPARED}, {k: now.get(k) for k in COMPARED})
