@@ -117,16 +117,16 @@ class RunDir:
             node = node.parent
         if not node.is_dir():
             raise RunFolderError(f"cannot create the run folder {self.path}: {node} is a file, not a folder")
-        free = shutil.disk_usage(node).free
-        if free < MIN_FREE_BYTES:
-            raise RunFolderError(f"only {free / 2**20:.0f} MiB free on the disk of {node}; a run folder needs at least "
-                                 f"{MIN_FREE_BYTES / 2**20:.0f} MiB (checkpoints, metrics); free space or choose another --run-dir")
         try:
             for folder in reversed(made):
                 folder.mkdir()
             fd, probe = tempfile.mkstemp(dir=self.path, prefix=".write-check.", suffix=".tmp")
             os.close(fd)
             os.unlink(probe)
+            free = shutil.disk_usage(self.path).free
+            if free < MIN_FREE_BYTES:
+                raise RunFolderError(f"only {free / 2**20:.0f} MiB free on the disk of {self.path}; a run folder needs at least "
+                                     f"{MIN_FREE_BYTES / 2**20:.0f} MiB (checkpoints, metrics); free space or choose another --run-dir")
         except OSError as e:
             raise RunFolderError(f"cannot write the run folder {self.path}: {e.strerror or e}; choose another --run-dir") from None
         finally:
