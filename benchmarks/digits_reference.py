@@ -93,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for method in args.methods:
         start = time.perf_counter()
-        current = run_method(method)
+        try:
+            current = run_method(method)
+        except Exception as e:  # a run that fails is a difference, reported with the others
+            print(f"{method:16s} failed: {type(e).__name__}: {e}", flush=True)
+            failed.append(method)
+            continue
         path = REFERENCE / f"{method}.json"
         if args.record:
             path.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
