@@ -297,3 +297,16 @@ def test_device_and_disk_are_checked_before_the_data(tmp_path, monkeypatch, caps
     assert main(["run", "--dataset", "fmnist", "--data-root", str(tmp_path), "--run-dir", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "MiB free" in err and "idx" not in err.lower() and not (tmp_path / "r").exists()
+
+
+def test_no_preset_gives_a_budget_to_an_exemplar_free_method():
+    from cilkit.methods import METHODS
+    from cilkit.presets import load_yaml, preset_names
+
+    for name in preset_names():
+        data = load_yaml(name)
+        method = METHODS[data.get("method", "replay")]
+        if method.memory_use == "none":
+            memory = data.get("memory") or {}
+            assert not any(memory.get(k) for k in ("size", "per_class")), name
+    cilkit.resolve([load_yaml("protocols/digits/lwf")])  # and such a preset resolves
