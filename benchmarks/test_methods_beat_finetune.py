@@ -26,7 +26,13 @@ def finetune_acc(tmp_path_factory):
     return _avg_acc("finetune", tmp_path_factory.mktemp("finetune"))
 
 
-@pytest.mark.parametrize("method", sorted(set(METHODS) - {"finetune"}))
+# Parameter regularisation without replay ends where finetune ends in class-incremental learning (van de
+# Ven et al., 2022, Table 3; docs/methods/ewc.md): not expected to beat it.
+AT_FINETUNE = {"ewc", "oewc", "si", "mas"}
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.xfail(reason="no replay: at finetune's level"))
+                                    if m in AT_FINETUNE else m for m in sorted(set(METHODS) - {"finetune"})])
 def test_method_beats_finetune_on_digits(method, finetune_acc, tmp_path):
     acc = _avg_acc(method, tmp_path)
     print(f"{method}: {acc:.2f} vs finetune {finetune_acc:.2f}")
