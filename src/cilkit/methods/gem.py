@@ -151,6 +151,12 @@ class EpisodicProjection(Method):
 
     memory_use = "required"
 
+    def __init__(self, hp, net, ctx):
+        super().__init__(hp, net, ctx)
+        self._memory_batch: tuple[torch.Tensor, torch.Tensor, tuple[bool, torch.dtype]] | None = None
+        self.steps = 0  # steps of the task with memory constraints
+        self.projected = 0  # steps of the task whose gradient was projected
+
     @classmethod
     def check_config(cls, cfg, hp) -> None:
         if hp.plain_sgd and cfg.train.optimizer != "sgd":
@@ -162,12 +168,6 @@ class EpisodicProjection(Method):
         """The configured stage; with ``plain_sgd``, without momentum and weight decay (every task)."""
         stage = super().stage(task)
         return stage.replace(momentum=0.0, weight_decay=0.0) if self.hp.plain_sgd else stage
-
-    def __init__(self, hp, net, ctx):
-        super().__init__(hp, net, ctx)
-        self._memory_batch: tuple[torch.Tensor, torch.Tensor, tuple[bool, torch.dtype]] | None = None
-        self.steps = 0  # steps of the task with memory constraints
-        self.projected = 0  # steps of the task whose gradient was projected
 
     # -- batches ---------------------------------------------------------------------------------
 
@@ -236,6 +236,7 @@ class EpisodicProjection(Method):
     # -- bookkeeping -------------------------------------------------------------------------------
 
     def before_task(self, task: Task) -> None:
+        super().before_task(task)
         self.steps = self.projected = 0
 
     def task_metrics(self) -> dict:
