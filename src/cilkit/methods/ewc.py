@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from cilkit.data.scenario import Task
 from cilkit.losses.quadratic import Params, accumulate
-from cilkit.methods._quadratic import QuadraticPenaltyMethod
+from cilkit.methods.importance import QuadraticPenaltyMethod
 from cilkit.schema import param
 
 

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import qpsolvers
 import torch
 import torch.nn.functional as F
 
@@ -82,6 +81,8 @@ def solve_gem_dual(gram: np.ndarray, q: np.ndarray, memory_strength: float = 0.0
     ``eps`` is 0, a ridge of 1e-10 times its mean diagonal is added, the least that makes it solvable.
     """
     t = gram.shape[0]
+    import qpsolvers  # imported here so that cilkit starts without it where GEM is not used
+
     P = 0.5 * (gram + gram.T) + eps * np.eye(t)
     lb = np.full(t, float(memory_strength))
     for ridge in (0.0, 1e-10 * max(float(np.trace(P)) / t, 1e-30)):

@@ -25,7 +25,7 @@ import torch
 
 from cilkit.data.scenario import Task
 from cilkit.losses.quadratic import Params, accumulate
-from cilkit.methods._quadratic import QuadraticPenaltyMethod
+from cilkit.methods.importance import QuadraticPenaltyMethod
 from cilkit.schema import param
 
 

@@ -27,7 +27,7 @@ import torch
 
 from cilkit.data.scenario import Task
 from cilkit.losses.quadratic import Params, accumulate, penalty_gradient
-from cilkit.methods._quadratic import QuadraticPenaltyMethod
+from cilkit.methods.importance import QuadraticPenaltyMethod
 from cilkit.schema import param
 
 
