@@ -17,6 +17,7 @@ from cilkit.data.augment import AUGMENTATIONS
 from cilkit.data.registry import DATASETS
 from cilkit.errors import ConfigError
 from cilkit.memory.exemplars import SELECTIONS
+from cilkit.memory.stream import STREAM_RULES
 from cilkit.models.backbones import BACKBONES
 from cilkit.schema import param
 from cilkit.training.stage import Stage
@@ -43,6 +44,9 @@ class ScenarioConfig:
     name: str | list[int] = "B0-Inc2"
     class_order: str | list[int] = "seed"
     order_seed: int = param(1993, ge=0, le=SEED_MAX)
+    # offline: each task trains for train.epochs over its data (the default); online: each task's data is a
+    # stream seen once (one epoch, batches of 10 by default: ONLINE_PROFILE), a stream memory taking it in
+    mode: str = "offline"
 
 
 @dataclass
@@ -91,7 +95,12 @@ class TrainConfig:
 class MemoryConfig:
     size: int | None = 2000  # fixed total budget shared by all seen classes
     per_class: int | None = None  # or a fixed number per class (then size is ignored)
-    selection: str = "herding"
+    # auto: the method's own (herding for most; reservoir for ER and Dark Experience Replay; balanced for
+    # GDumb); herding / random select a task's exemplars after it; reservoir / balanced fill the memory as
+    # the stream passes (cilkit.memory.stream)
+    selection: str = "auto"
+    # repeat the exemplars in each task's training set to this ratio of old to new samples (None: each once)
+    replay_ratio: float | None = param(None, gt=0)
     nme_flip: bool | None = None  # flip exemplars for the class means (None/auto: when training flips)
 
 
@@ -125,6 +134,14 @@ class Config:
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "multistep", "constant")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+MODES = ("offline", "online")
+
+# The online setting's defaults, under the user's own values (Mammoth's Seq-MNIST: batch 10, a constant
+# rate; Chaudhry et al. 2019: one pass, batch 10): merged over the dataset's profile when scenario.mode is online.
+ONLINE_PROFILE: dict = {
+    "train": {"epochs": 1, "first_epochs": None, "batch_size": 10, "schedule": "constant", "milestones": [],
+              "first_milestones": None},
+}
 
 # What suits each dataset when the user does not say otherwise.
 DATASET_PROFILES: dict[str, dict] = {
@@ -194,7 +211,14 @@ def validate(cfg: Config) -> None:
     choice("train.optimizer", cfg.train.optimizer, OPTIMIZERS)
     choice("train.schedule", cfg.train.schedule, SCHEDULES)
     choice("train.augment", cfg.train.augment, AUGMENTATIONS)
-    choice("memory.selection", cfg.memory.selection, SELECTIONS)
+    choice("memory.selection", cfg.memory.selection, ("auto", *SELECTIONS, *STREAM_RULES))
+    choice("scenario.mode", cfg.scenario.mode, MODES)
+    if cfg.scenario.mode == "online":
+        for name in ("epochs", "first_epochs"):
+            if getattr(cfg.train, name) not in (None, 1):
+                raise ConfigError(f"train.{name}", f"the online setting sees each sample once: must be 1, got {getattr(cfg.train, name)}")
+    if cfg.memory.selection in STREAM_RULES and cfg.memory.per_class is not None:
+        raise ConfigError("memory.per_class", f"a {cfg.memory.selection} memory has a total capacity: set memory.size instead")
     for name in ("epochs", "batch_size", "lr"):
         positive(f"train.{name}", getattr(cfg.train, name))
     for name in ("first_epochs", "first_lr"):

@@ -85,13 +85,14 @@ class TaskDriver:
             self.open_task(task)
         n_tasks = len(self.scenario.tasks)
         with clock("train"):
-            stats = m.fit(m.param_groups(task), m.train_indices(task), m.stage(task), m.loss, desc=f"task {task.index + 1}/{n_tasks}")
+            stats = m.fit(m.param_groups(task), m.train_indices(task), m.stage(task), m.loss, desc=f"task {task.index + 1}/{n_tasks}",
+                          stream=True)
         with clock("after_task"):  # the method's post-processing, extra stages and exemplar selection
             m.after_task(task)
             m.end_task(task)
         if self.memory is not None:
             with clock("class_means"):
-                self.class_means = class_means(self.memory, m.features, self.nme_flip)
+                self.class_means = class_means(self.memory, m.features, self.nme_flip, task.stop)
         record = {"task": task.index, "classes": [task.start, task.stop], "n_seen": task.stop}
         with clock("evaluate"):
             record.update(self.evaluate(task))

@@ -24,6 +24,7 @@ from cilkit.data.store import ImageStore, fits_on_device
 from cilkit.driver import TaskDriver
 from cilkit.errors import CilkitError, ConfigError
 from cilkit.memory.exemplars import ExemplarMemory
+from cilkit.memory.stream import STREAM_RULES, StreamMemory
 from cilkit.methods import METHODS, Method
 from cilkit.models.network import build_network
 from cilkit.presets import load_yaml, merge_layers
@@ -74,7 +75,8 @@ def build_scenario(cfg: Config) -> Scenario:
     if data.normalization is not None:
         dataset.mean, dataset.std = normalization_of(data.normalization, dataset.image_shape[0])
     scenario = make_scenario(dataset, cfg.scenario.name, cfg.scenario.class_order, cfg.scenario.order_seed, data.n_classes)
-    if uses_memory(cfg) and cfg.memory.per_class is None and cfg.memory.size < scenario.n_classes:
+    if (uses_memory(cfg) and cfg.memory.per_class is None and cfg.memory.selection not in STREAM_RULES
+            and cfg.memory.size < scenario.n_classes):
         raise ConfigError(
             "memory.size",
             f"a budget of {cfg.memory.size} exemplars cannot hold one per class for the {scenario.n_classes} classes of "
@@ -121,7 +123,11 @@ def build_driver(cfg: Config, scenario: Scenario, progress: str = "auto") -> Tas
     memory = None
     if uses_memory(cfg):
         per_class = cfg.memory.per_class
-        memory = ExemplarMemory(None if per_class else cfg.memory.size, per_class, cfg.memory.selection, cfg.memory.size)
+        if cfg.memory.selection in STREAM_RULES:
+            memory = StreamMemory(cfg.memory.size, cfg.memory.selection, device, replay_ratio=cfg.memory.replay_ratio)
+        else:
+            memory = ExemplarMemory(None if per_class else cfg.memory.size, per_class, cfg.memory.selection, cfg.memory.size,
+                                    replay_ratio=cfg.memory.replay_ratio)
     hp = cls.parse_args(cfg.method_args)
     net = build_network(cfg.model.backbone, ds.image_shape, hidden=cfg.model.hidden, widths=cfg.model.widths,
                         **cls.backbone_kwargs(hp))

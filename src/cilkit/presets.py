@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from cilkit.config import DATASET_ALIASES, DATASET_PROFILES, DataConfig
+from cilkit.config import DATASET_ALIASES, DATASET_PROFILES, ONLINE_PROFILE, DataConfig
 from cilkit.errors import ConfigError
 from cilkit.schema import deep_merge
 
@@ -100,7 +100,8 @@ def load_yaml(spec: str, _seen: tuple = ()) -> dict:
 
 
 def merge_layers(layers: list[dict]) -> tuple[dict, dict]:
-    """The user's layers merged in order, over the dataset's profile: ``(merged, user_only)``."""
+    """The user's layers merged in order, over the dataset's profile (and the online setting's defaults
+    when ``scenario.mode`` is online): ``(merged, user_only)``."""
     user: dict = {}
     for layer in layers:
         user = merge(user, layer)
@@ -108,4 +109,7 @@ def merge_layers(layers: list[dict]) -> tuple[dict, dict]:
     if isinstance(dataset, str):
         dataset = DATASET_ALIASES.get(dataset, dataset)
         user = merge(user, {"data": {"dataset": dataset}})
-    return merge(DATASET_PROFILES.get(dataset, {}), user), user
+    profile = DATASET_PROFILES.get(dataset, {})
+    if (user.get("scenario") or {}).get("mode") == "online":
+        profile = merge(profile, ONLINE_PROFILE)
+    return merge(profile, user), user

@@ -19,10 +19,13 @@ SELECTIONS = ("herding", "random")
 
 
 class ExemplarMemory:
+    streaming = False  # selected after each task (:meth:`update`), not filled as the stream passes
+
     def __init__(self, total: int | None = 2000, per_class: int | None = None, selection: str = "herding",
-                 nominal_total: int | None = None):
+                 nominal_total: int | None = None, replay_ratio: float | None = None):
         """``nominal_total``: the configured total budget even when ``per_class`` rules (PyCIL's BiC
-        divides it to size its validation set); ``total`` by default."""
+        divides it to size its validation set); ``total`` by default. ``replay_ratio``: see
+        :func:`repeat_to`, applied by the methods that mix the exemplars into the task's data."""
         if (total is None) == (per_class is None):
             raise ValueError("give exactly one of total and per_class")
         if selection not in SELECTIONS:
@@ -31,6 +34,7 @@ class ExemplarMemory:
         self.per_class = per_class
         self.nominal_total = total if nominal_total is None else nominal_total
         self.selection = selection
+        self.replay_ratio = replay_ratio
         self.exemplars: dict[int, torch.Tensor] = {}
 
     def quota(self, n_seen: int) -> int:
@@ -50,6 +54,13 @@ class ExemplarMemory:
         if not keys:
             return torch.empty(0, dtype=torch.long)
         return torch.cat([self.exemplars[c] for c in keys])
+
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` exemplars drawn uniformly without replacement (all when fewer): (training indices,
+        positions in :meth:`indices`)."""
+        idx = self.indices()
+        pos = torch.randperm(len(idx))[:n]
+        return idx[pos], pos
 
     def update(
         self,
@@ -104,3 +115,13 @@ def ceil_trim_first(exemplars: dict, new_classes, class_indices, total: int | No
             largest = sorted(exemplars, key=lambda c: (len(exemplars[c]), c), reverse=True)[:excess]
             for c in largest:
                 exemplars[c] = exemplars[c][:-1]
+
+
+def repeat_to(indices: torch.Tensor, n: int) -> torch.Tensor:
+    """``indices`` repeated to ``n`` items: every one ``n // len`` times, then a random ``n % len`` of
+    them once more (rehearsal at a set ratio of old to new samples, ``memory.replay_ratio``)."""
+    if len(indices) == 0 or n <= 0:
+        return indices[:0]
+    whole, rest = divmod(n, len(indices))
+    extra = indices[torch.randperm(len(indices), device=indices.device)[:rest]]
+    return torch.cat([indices.repeat(whole), extra])

@@ -17,22 +17,32 @@ def class_mean(features: torch.Tensor, flipped: torch.Tensor | None = None) -> t
 
 
 def nme_scores(features: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
-    """Scores = minus the squared distance between normalised features and the class means."""
-    return -torch.cdist(F.normalize(features.float(), dim=1), means.float()).pow(2)
+    """Scores = minus the squared distance between normalised features and the class means (-inf for
+    a class without a mean, a NaN row)."""
+    scores = -torch.cdist(F.normalize(features.float(), dim=1), means.float().nan_to_num(0.0)).pow(2)
+    return scores.masked_fill(means.isnan().any(1)[None], float("-inf"))
 
 
-def class_means(memory, features: Callable[..., torch.Tensor], flip: bool) -> torch.Tensor:
-    """One NME mean per class of ``memory`` (an ExemplarMemory), in class order.
+def class_means(memory, features: Callable[..., torch.Tensor], flip: bool, n_classes: int | None = None) -> torch.Tensor:
+    """One NME mean per class of ``memory`` (an exemplar or stream memory), in class order.
 
     ``features(indices, flip=False)`` gives the exemplars' features; with ``flip`` their mirror
-    images enter each mean too (iCaRL's original code).
+    images enter each mean too (iCaRL's original code). With ``n_classes``, the result has that
+    many rows and a class that holds no exemplar (a reservoir may have dropped it) gets a NaN row.
     """
     idx = memory.indices()
     feats = features(idx)
     flipped = features(idx, flip=True) if flip else None
-    means, start = [], 0
+    means, start = {}, 0
+    exemplars = memory.exemplars
     for c in memory.classes:
-        k = len(memory.exemplars[c])
-        means.append(class_mean(feats[start : start + k], None if flipped is None else flipped[start : start + k]))
+        k = len(exemplars[c])
+        means[c] = class_mean(feats[start : start + k], None if flipped is None else flipped[start : start + k])
         start += k
-    return torch.stack(means)
+    if n_classes is None:
+        return torch.stack(list(means.values()))
+    out = torch.full((n_classes, feats.shape[1]), float("nan"), device=feats.device)
+    for c, mean in means.items():
+        if c < n_classes:
+            out[c] = mean
+    return out

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from cilkit.data.scenario import Task
 from cilkit.data.store import ImageStore
 from cilkit.errors import ConfigError
-from cilkit.memory.exemplars import ExemplarMemory
+from cilkit.memory.exemplars import ExemplarMemory, repeat_to
 from cilkit.models.network import IncrementalNet, eval_mode, frozen_copy
 from cilkit.schema import from_dict
 from cilkit.training.loop import StepInfo, shuffled_batches
@@ -62,6 +62,9 @@ class Context(Protocol):
     def features(self, indices: torch.Tensor, forward: Callable[[torch.Tensor], dict], *, flip: bool = False,
                  transform: Callable | None = None) -> torch.Tensor:
         """``forward(x)["features"]`` of training samples under test-time transforms."""
+
+    def batch(self, indices: torch.Tensor, augment: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training batch of ``indices`` (augmented like the loop's batches, or test-transformed)."""
 
 
 class Teacher:
@@ -98,6 +101,9 @@ class Method:
     memory_use: ClassVar[MemoryUse] = "none"
     distills: ClassVar[bool] = False  # a Teacher of the previous model exists during every task after the first
     backbone_options: ClassVar[dict] = {}  # e.g. {"last_relu": False} for a signed embedding (UCIR, PODNet)
+    # the memory.selection rules the method works with, its default first: herding / random select a
+    # task's exemplars after it, reservoir / balanced fill a stream memory as the data passes
+    selections: ClassVar[tuple[str, ...]] = ("herding", "random")
 
     def __init__(self, hp, net: IncrementalNet, ctx: Context):
         """A method with another classifier replaces ``net.head`` here, before any class exists."""
@@ -151,6 +157,12 @@ class Method:
                     raise ConfigError("memory.per_class", f"must be a positive number, got {cfg.memory.per_class}")
             elif cfg.memory.size is None or cfg.memory.size <= 0:
                 raise ConfigError("memory.size", f"method '{cls.name}' keeps exemplars: give a positive budget, got {cfg.memory.size}")
+        if cls.memory_use != "none":
+            if cfg.memory.selection == "auto":
+                cfg.memory.selection = cls.selections[0]
+            elif cfg.memory.selection not in cls.selections:
+                raise ConfigError("memory.selection", f"method '{cls.name}' works with the memory rules "
+                                  f"{', '.join(cls.selections)}; got '{cfg.memory.selection}'")
         cls.check_config(cfg, hp)
         return hp
 
@@ -194,11 +206,15 @@ class Method:
         """Called after ``grow`` (and the teacher's creation) and before training on ``task``."""
 
     def train_indices(self, task: Task) -> torch.Tensor:
-        """Training-set indices of the task: its new data, plus the exemplars when there is a memory."""
+        """Training-set indices of the task: its new data, plus the old classes' exemplars when there is
+        a memory (repeated to ``memory.replay_ratio`` times the new data when that is set)."""
         new = self.ctx.train_data.indices_of(task.classes)
         if self.memory is None or len(self.memory) == 0:
             return new
-        return torch.cat([new, self.memory.indices().to(new.device)])
+        old = self.memory.indices(range(self.n_old)).to(new.device)  # a stream memory may hold new classes too
+        if self.memory.replay_ratio is not None:
+            old = repeat_to(old, round(self.memory.replay_ratio * len(new)))
+        return torch.cat([new, old])
 
     def stage(self, task: Task) -> Stage:
         """Epochs, optimizer and schedule of the task's training (the config's by default)."""
@@ -225,6 +241,13 @@ class Method:
 
     def after_step(self) -> None:
         """Called after every optimizer step (e.g. weight clipping)."""
+
+    def observe(self, indices: torch.Tensor, labels: torch.Tensor) -> None:
+        """After each step of the task's main training, in its first epoch (so that every sample is
+        offered once): a stream memory takes in the batch's new data (exemplars riding along in the
+        batch are not the stream). Dark Experience Replay overrides it to store logits too."""
+        if self.memory is not None and getattr(self.memory, "streaming", False):
+            self.memory.observe(indices, labels, mask=labels >= self.n_old)
 
     def after_task(self, task: Task) -> None:
         """Called after training on ``task``; selects the new classes' exemplars when there is a memory."""
@@ -259,11 +282,26 @@ class Method:
     # -- shared parts -------------------------------------------------------------------------
 
     def fit(self, groups: list[dict], indices: torch.Tensor, stage: Stage, loss: Loss, *,
-            train_mode: Callable[[], None] | None = None, desc: str = "") -> dict:
+            train_mode: Callable[[], None] | None = None, desc: str = "", stream: bool = False) -> dict:
         """Run the training loop with this method's batching and step hook (and ``train_mode``, the
-        modes of the stage: the method's own by default)."""
+        modes of the stage: the method's own by default). ``stream``: the task's main training, whose
+        batches a stream memory observes (:meth:`observe`)."""
+        after_step = self.after_step
+        if stream and self.memory is not None and getattr(self.memory, "streaming", False):
+            def after_step() -> None:
+                self.after_step()
+                if self.at.epoch == 0:
+                    idx = self.at.indices
+                    self.observe(idx, self.ctx.train_data.labels[idx.to(self.ctx.train_data.labels.device)])
         return self.ctx.fit(groups, indices, stage, loss, batches=self.epoch_batches, train_mode=train_mode or self.train_mode,
-                            before_step=self.before_step, after_step=self.after_step, desc=desc)
+                            before_step=self.before_step, after_step=after_step, desc=desc)
+
+    def memory_batch(self, n: int, augment: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``n`` exemplars drawn uniformly without replacement from the whole memory (all when fewer):
+        (images, labels, positions); with a stream memory the positions address its payload."""
+        idx, pos = self.memory.sample(n)
+        x, y = self.ctx.batch(idx, augment)
+        return x, y, pos
 
     def extra_stage(self, task: Task, *, epochs: int, lr: float, optimizer: str, **changes) -> Stage:
         """The stage of an extra training phase (finetuning, re-learning): the task's stage with the

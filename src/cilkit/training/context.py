@@ -45,5 +45,8 @@ class TrainingContext:
         return fit(self.runtime, groups, indices, stage, loss, batches=batches, train_mode=train_mode,
                    before_step=before_step, after_step=after_step, at=self.at, progress=self.progress, desc=desc)
 
+    def batch(self, indices, augment: bool = True):
+        return self.runtime.train_batch(indices, augment)
+
     def features(self, indices, forward, *, flip: bool = False, transform=None) -> torch.Tensor:
         return self.runtime.features(indices, forward, flip=flip, transform=transform)

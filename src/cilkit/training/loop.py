@@ -42,6 +42,7 @@ class StepInfo:
     epochs: int = 0
     step: int = 0
     steps: int = 0
+    indices: torch.Tensor | None = None  # the training indices of the step's batch (a stream memory takes them in)
 
 
 def shuffled_batches(indices: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -94,7 +95,7 @@ def fit(
         progress.start_epoch(epoch, len(plan))
         t0, total, n_epoch = time.perf_counter(), torch.zeros((), device=runtime.device), 0
         for step, idx in enumerate(plan):
-            at.step = step
+            at.step, at.indices = step, idx
             x, y = runtime.train_batch(idx, stage.augment)
             with runtime.autocast():
                 value = loss(x, y)
