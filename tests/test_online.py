@@ -204,3 +204,16 @@ def test_methods_run_online(tmp_path, method):
     metrics = exp.execute()
     assert_complete_run(metrics, floor=(60.0, 25.0), nme=method != "lwf")
     assert all(r["train_images"] <= len(exp.runtime.train_data) for r in metrics["tasks"])
+
+
+@pytest.mark.parametrize("method", ["replay", "icarl", "gem", "agem"])
+def test_offline_memory_methods_take_a_reservoir(tmp_path, method):
+    """The offline rehearsal methods run with a reservoir filled during each task's first epoch."""
+    layer = {"method": method, "scenario": {"name": "B0-Inc5"}, "model": {"backbone": "mlp", "hidden": [64]},
+             "train": {"epochs": 2, "batch_size": 32}, "memory": {"size": 60, "selection": "reservoir"}}
+    exp = cilkit.Experiment(cilkit.resolve([layer]), tmp_path / method, progress="off")
+    metrics = exp.execute()
+    assert isinstance(exp.method.memory, StreamMemory) and len(exp.method.memory) == 60
+    n_train = len(exp.runtime.train_data)
+    assert exp.method.memory.seen <= n_train  # each sample offered at most once (first epoch only)
+    assert_complete_run(metrics, nme=True)

@@ -100,9 +100,10 @@ class FakeContext:
         return self._stage
 
     def fit(self, groups, indices, stage, loss, *, batches=shuffled_batches, train_mode=lambda: None,
-            after_step=lambda: None, before_step=lambda: None, desc=""):
+            after_step=lambda: None, before_step=lambda: None, desc="", main=False):
         call = {"groups": groups, "indices": indices, "stage": stage, "loss": loss, "batches": batches,
-                "train_mode": train_mode, "after_step": after_step, "before_step": before_step, "desc": desc}
+                "train_mode": train_mode, "after_step": after_step, "before_step": before_step, "desc": desc,
+                "main": main}
         self.fits.append(call)
         return self._fit(**call) if self._fit is not None else {"images": 0, "seconds": 0.0, "images_per_s": 0.0}
 

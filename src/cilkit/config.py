@@ -19,6 +19,7 @@ from cilkit.errors import ConfigError
 from cilkit.memory.exemplars import SELECTIONS
 from cilkit.memory.stream import STREAM_RULES
 from cilkit.models.backbones import BACKBONES
+from cilkit.models.network import HEADS, INITS
 from cilkit.schema import param
 from cilkit.training.stage import Stage
 
@@ -34,9 +35,13 @@ class DataConfig:
     image_size: int | None = None  # imagefolder: decoded images are resized to this size
     on_device: bool | None = None  # keep the uint8 images on the training device (None/auto: when they fit)
     cache_dir: str | None = None  # decoded-image cache (imagefolder, tinyimagenet); None: $CILKIT_CACHE or next to the data
-    # per-channel {mean: [...], std: [...]} in [0, 1] units; None: computed from the training images (and
-    # recorded here in the run folder's config.yaml)
-    normalization: dict | None = None
+    # per-channel {mean: [...], std: [...]} in [0, 1] units; None: computed from the training images; "none":
+    # no normalisation (mean 0, std 1: the images only scaled to [0, 1]); the one used is recorded here in
+    # the run folder's config.yaml
+    normalization: dict | str | None = None
+    # zero-pad every image (train and test) by this many pixels on each side once it is loaded (MNIST's 28 -> 32
+    # for a ResNet); statistics computed from the training images count the borders
+    pad: int = param(0, ge=0)
 
 
 @dataclass
@@ -54,6 +59,14 @@ class ModelConfig:
     backbone: str = "convnet"
     hidden: list[int] | None = None  # mlp widths
     widths: list[int] | None = None  # convnet widths
+    # growing: the classifier gains a block of rows per task (the logits span the seen classes); fixed: one
+    # row per class of the scenario from the first task (the online-CIL papers' single head: every step's
+    # cross-entropy runs over all of them); auto: the method's own (fixed for Dark Experience Replay, whose
+    # stored logits span every class; growing for the others); the evaluation takes the seen classes' logits
+    head: str = "auto"
+    # torch: PyTorch's default initialisation; xavier: Mammoth's, on every nn.Linear (weights U(-a, a),
+    # a = sqrt(6 / (fan_in + fan_out)), biases 0; convolutions keep theirs)
+    init: str = "torch"
 
 
 @dataclass
@@ -76,6 +89,9 @@ class TrainConfig:
     amp: bool | None = None  # bf16 autocast (None/auto: on CUDA)
     channels_last: bool | None = None  # (None/auto: on CUDA)
     compile: bool = False  # torch.compile the backbone (fewer, fused kernels; compiles once per run)
+    # carry the optimizer's state of every parameter (momentum buffers, Adam's moments and step count) from one
+    # task's main training into the next one's (new parameters start fresh); extra stages always start fresh
+    keep_optimizer: bool = False
 
     def stage(self, task: int) -> Stage:
         """The stage of task index ``task``; the ``first_*`` settings apply to task 0 when given."""
@@ -135,6 +151,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "multistep", "constant")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 MODES = ("offline", "online")
+NO_NORMALIZATION = "none"  # data.normalization: the images only scaled to [0, 1]
 
 # The online setting's defaults, under the user's own values (Mammoth's Seq-MNIST: batch 10, a constant
 # rate; Chaudhry et al. 2019: one pass, batch 10): merged over the dataset's profile when scenario.mode is online.
@@ -204,6 +221,8 @@ def validate(cfg: Config) -> None:
 
     choice("data.dataset", cfg.data.dataset, sorted(DATASETS))
     choice("model.backbone", cfg.model.backbone, sorted(BACKBONES))
+    choice("model.head", cfg.model.head, ("auto", *HEADS))
+    choice("model.init", cfg.model.init, INITS)
     for key, owner in (("widths", "convnet"), ("hidden", "mlp")):
         if getattr(cfg.model, key) is not None and cfg.model.backbone != owner:
             raise ConfigError(f"model.{key}", f"only the {owner} backbone has {key}; '{cfg.model.backbone}' would ignore it: remove it")
@@ -226,6 +245,9 @@ def validate(cfg: Config) -> None:
     positive("eval.batch_size", cfg.eval.batch_size, allow_none=True)
     positive("eval.topk", cfg.eval.topk)
     positive("data.image_size", cfg.data.image_size, allow_none=True)
+    if isinstance(cfg.data.normalization, str) and cfg.data.normalization != NO_NORMALIZATION:
+        raise ConfigError("data.normalization", f"'{cfg.data.normalization}' is not allowed; give none (no normalisation), "
+                          "null (computed from the training images) or a mapping {mean: [...], std: [...]}")
     if cfg.name is not None and (not cfg.name.strip() or any(c in cfg.name for c in "/\\") or cfg.name in (".", "..")):
         raise ConfigError("name", f"{cfg.name!r} is a run name, not a path: use letters, digits, - and _ (choose a folder with --run-dir)")
     for name in ("milestones", "first_milestones"):

@@ -20,6 +20,7 @@ from cilkit.memory.nme import class_means, nme_scores
 from cilkit.methods.base import Method
 from cilkit.metrics import run_summary, task_accuracies
 from cilkit.training.runtime import Runtime, rng_state, set_rng_state
+from cilkit.training.stage import OptimizerState
 
 log = logging.getLogger("cilkit")
 
@@ -45,8 +46,11 @@ class TaskDriver:
     """Runs one class-incremental experiment: ``method`` on ``scenario`` with ``runtime``."""
 
     def __init__(self, method: Method, runtime: Runtime, scenario: Scenario, *, topk: int = 5,
-                 nme_flip: bool = False, seed: int = 0, info: dict | None = None):
-        """``info``: what the run's metrics record about its setting beyond the driver's own (backbone, normalisation)."""
+                 nme_flip: bool = False, seed: int = 0, info: dict | None = None,
+                 optimizer_state: OptimizerState | None = None):
+        """``info``: what the run's metrics record about its setting beyond the driver's own (backbone, normalisation);
+        ``optimizer_state``: the optimizer state the method's context carries between tasks (``train.keep_optimizer``),
+        saved in the checkpoints."""
         self.method = method
         self.runtime = runtime
         self.scenario = scenario
@@ -54,6 +58,7 @@ class TaskDriver:
         self.nme_flip = nme_flip
         self.seed = seed
         self.info = dict(info or {})
+        self.optimizer_state = optimizer_state
         self.class_means: torch.Tensor | None = None
         self.records: list[dict] = []
         self.next_task = 0
@@ -117,7 +122,10 @@ class TaskDriver:
 
     @torch.no_grad()
     def evaluate(self, task: Task) -> dict:
-        """CNN (and NME) accuracy on the test samples of every class seen up to ``task``."""
+        """CNN (and NME) accuracy on the test samples of every class seen up to ``task``.
+
+        Class-incremental: the CNN prediction is the argmax over the seen classes' logits
+        (``logits[:, :n_seen]``), so the columns of a fixed head's classes not seen yet take no part."""
         rt, n_seen = self.runtime, task.stop
         bounds = self.scenario.boundaries[: task.index + 2]
         idx = rt.test_data.indices_of(range(n_seen))
@@ -166,6 +174,7 @@ class TaskDriver:
             "memory": self.memory.state_dict() if self.memory is not None else None,
             "class_means": self.class_means,
             "records": self.records,
+            "optimizer": self.optimizer_state.state_dict() if self.optimizer_state is not None else None,
             "rng": rng_state(),
         }
 
@@ -181,6 +190,8 @@ class TaskDriver:
             self.memory.load_state_dict(state["memory"])
         cm = state["class_means"]
         self.class_means = cm.to(self.runtime.device) if cm is not None else None
+        if self.optimizer_state is not None and state.get("optimizer") is not None:
+            self.optimizer_state.load_state_dict(state["optimizer"])
         self.records = state["records"]
         self.next_task = state["next_task"]
         set_rng_state(state["rng"])

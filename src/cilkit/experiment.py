@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from cilkit.config import Config, validate
+from cilkit.config import NO_NORMALIZATION, Config, validate
 from cilkit.data.augment import BatchAugment
+from cilkit.data.datasets import pad_images
 from cilkit.data.registry import load_dataset
 from cilkit.data.scenario import Scenario, make_scenario
 from cilkit.data.store import ImageStore, fits_on_device
@@ -36,6 +37,7 @@ from cilkit.training.context import TrainingContext
 from cilkit.training.loop import TrainingDiverged
 from cilkit.training.progress import Progress
 from cilkit.training.runtime import Runtime, resolve_device, seed_everything
+from cilkit.training.stage import OptimizerState
 
 log = logging.getLogger("cilkit")
 
@@ -72,6 +74,7 @@ def build_scenario(cfg: Config) -> Scenario:
     """Load the dataset and split it into tasks, with every data-dependent check."""
     data = cfg.data
     dataset = load_dataset(data.dataset, data.root, download=data.download, image_size=data.image_size, cache_dir=data.cache_dir)
+    dataset = pad_images(dataset, data.pad)  # before a given normalisation replaces the (recomputed) statistics
     if data.normalization is not None:
         dataset.mean, dataset.std = normalization_of(data.normalization, dataset.image_shape[0])
     scenario = make_scenario(dataset, cfg.scenario.name, cfg.scenario.class_order, cfg.scenario.order_seed, data.n_classes)
@@ -85,8 +88,11 @@ def build_scenario(cfg: Config) -> Scenario:
     return scenario
 
 
-def normalization_of(given: dict, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The (mean, std) of a ``data.normalization`` mapping, checked against the images' channels."""
+def normalization_of(given: dict | str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) of a ``data.normalization`` mapping, checked against the images' channels; ``none``:
+    mean 0 and std 1 (the images only scaled to [0, 1])."""
+    if given == NO_NORMALIZATION:
+        return (0.0,) * channels, (1.0,) * channels
     if set(given) != {"mean", "std"}:
         raise ConfigError("data.normalization", f"expected the keys mean and std, got {sorted(given)}")
     out = []
@@ -129,15 +135,20 @@ def build_driver(cfg: Config, scenario: Scenario, progress: str = "auto") -> Tas
             memory = ExemplarMemory(None if per_class else cfg.memory.size, per_class, cfg.memory.selection, cfg.memory.size,
                                     replay_ratio=cfg.memory.replay_ratio)
     hp = cls.parse_args(cfg.method_args)
+    # model.head: fixed gives the head a row for every class of the scenario from the start
     net = build_network(cfg.model.backbone, ds.image_shape, hidden=cfg.model.hidden, widths=cfg.model.widths,
-                        **cls.backbone_kwargs(hp))
+                        head=cfg.model.head, n_classes=scenario.n_classes, init=cfg.model.init, **cls.backbone_kwargs(hp))
     if cfg.train.compile:
         net.backbone.compile(dynamic=False)
-    ctx = TrainingContext(runtime, memory, cfg.seed, cfg.train.stage, Progress(progress))
+    # the network's parameters at the time asked: the state is keyed by them (and by their positions in a checkpoint)
+    optimizer_state = OptimizerState(net.parameters) if cfg.train.keep_optimizer else None
+    ctx = TrainingContext(runtime, memory, cfg.seed, cfg.train.stage, Progress(progress), optimizer_state)
     method = cls(hp, net, ctx)
+    net.apply_init()  # model.init on the linear layers the method added (a head it replaced, a projection head)
     nme_flip = augment.flips if cfg.memory.nme_flip is None else cfg.memory.nme_flip
     info = {"backbone": cfg.model.backbone, "normalization": {"mean": [float(v) for v in ds.mean], "std": [float(v) for v in ds.std]}}
-    return TaskDriver(method, runtime, scenario, topk=cfg.eval.topk, nme_flip=nme_flip, seed=cfg.seed, info=info)
+    return TaskDriver(method, runtime, scenario, topk=cfg.eval.topk, nme_flip=nme_flip, seed=cfg.seed, info=info,
+                      optimizer_state=optimizer_state)
 
 
 def config_digest(config: dict) -> str:

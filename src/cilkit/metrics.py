@@ -70,11 +70,19 @@ def task_accuracies(
     return result
 
 
+def last_task_mean_accuracy(R: Matrix) -> float:
+    """(1/T) sum_j R[T][j]: the mean over tasks of the final accuracy on each task's test data, every task
+    weighted the same whatever its number of classes and samples (Mammoth/DER, ER-ACE report this)."""
+    return float(sum(R[-1]) / len(R[-1]))
+
+
 def summarize(acc: Sequence[float], R: Matrix) -> dict:
-    """Average incremental accuracy, last accuracy, average forgetting and BWT of one run."""
+    """Average incremental accuracy, last accuracy (over all seen samples, and the task mean), average
+    forgetting and BWT of one run."""
     return {
         "avg_incremental_accuracy": average_incremental_accuracy(acc),
         "last_accuracy": float(acc[-1]),
+        "last_task_mean_accuracy": last_task_mean_accuracy(R),
         "avg_forgetting": average_forgetting(R),
         "bwt": backward_transfer(R),
     }
@@ -84,8 +92,8 @@ def run_summary(records: Sequence[dict], topk: int) -> tuple[dict, dict]:
     """The summary figures of a run from its per-task records, and its accuracy matrices.
 
     For the CNN head (and the NME one when recorded): average incremental and last accuracy (top-1
-    and top-k), average forgetting and BWT; then the wall time and the training throughput. The
-    NME figures carry the prefix ``nme_``. Returns ``(summary, {"accuracy_matrix": R, ...})``.
+    and top-k), the last accuracy as a mean over tasks, average forgetting and BWT; then the wall time and
+    the training throughput. The NME figures carry the prefix ``nme_``. Returns ``(summary, {"accuracy_matrix": R, ...})``.
     """
     summary: dict = {}
     matrices: dict = {}

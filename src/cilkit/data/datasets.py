@@ -7,6 +7,7 @@ The class order of a scenario is applied later (:mod:`cilkit.data.scenario`), ne
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +47,9 @@ class Dataset:
     std: tuple[float, ...]
     natural_images: bool = True
     meta: dict = field(default_factory=dict)
+    # mean/std are the channel statistics of the training images (recomputed when they change: pad_images),
+    # not published constants
+    stats_from_data: bool = False
 
     @property
     def n_classes(self) -> int:
@@ -56,6 +60,21 @@ class Dataset:
         """(C, H, W) of one image."""
         _, h, w, c = self.train.images.shape
         return (c, h, w)
+
+
+def pad_images(dataset: Dataset, pad: int) -> Dataset:
+    """``dataset`` with every image (train and test) zero-padded by ``pad`` pixels on each side.
+
+    Statistics computed from the training images are recomputed over the padded ones, so that the zero
+    borders count as the network will see them; published constants are kept.
+    """
+    if pad == 0:
+        return dataset
+    width = ((0, 0), (pad, pad), (pad, pad), (0, 0))
+    train = ImageSet(np.pad(dataset.train.images, width), dataset.train.labels)
+    test = ImageSet(np.pad(dataset.test.images, width), dataset.test.labels)
+    mean, std = channel_stats(train.images) if dataset.stats_from_data else (dataset.mean, dataset.std)
+    return dataclasses.replace(dataset, train=train, test=test, mean=mean, std=std)
 
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -41,7 +41,7 @@ CIFAR_ARCHIVES: dict[str, dict[str, str]] = {
 def _stats_dataset(name: str, train: ImageSet, test: ImageSet, class_names: list[str], **kwargs: Any) -> Dataset:
     """A Dataset whose mean/std are the channel statistics of ``train``."""
     mean, std = channel_stats(train.images)
-    return Dataset(name, train, test, class_names, mean, std, **kwargs)
+    return Dataset(name, train, test, class_names, mean, std, stats_from_data=True, **kwargs)
 
 
 def load_digits() -> Dataset:

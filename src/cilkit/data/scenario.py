@@ -146,6 +146,7 @@ def make_scenario(
         std=dataset.std,
         natural_images=dataset.natural_images,
         meta=dict(dataset.meta),
+        stats_from_data=dataset.stats_from_data,
     )
     name = scenario if isinstance(scenario, str) else "T" + "-".join(str(s) for s in increments)
     return Scenario(remapped, kept, increments, name)

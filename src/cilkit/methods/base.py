@@ -56,8 +56,9 @@ class Context(Protocol):
 
     def fit(self, groups: list[dict], indices: torch.Tensor, stage: Stage, loss: Loss, *,
             batches: Callable, train_mode: Callable[[], None], after_step: Callable[[], None],
-            before_step: Callable[[], None] = ..., desc: str = "") -> dict:
-        """The training loop (:func:`cilkit.training.loop.fit`)."""
+            before_step: Callable[[], None] = ..., desc: str = "", main: bool = False) -> dict:
+        """The training loop (:func:`cilkit.training.loop.fit`); ``main``: the task's main training (which
+        continues the previous task's optimizer state under ``train.keep_optimizer``)."""
 
     def features(self, indices: torch.Tensor, forward: Callable[[torch.Tensor], dict], *, flip: bool = False,
                  transform: Callable | None = None) -> torch.Tensor:
@@ -104,6 +105,8 @@ class Method:
     # the memory.selection rules the method works with, its default first: herding / random select a
     # task's exemplars after it, reservoir / balanced fill a stream memory as the data passes
     selections: ClassVar[tuple[str, ...]] = ("herding", "random")
+    fixed_head: ClassVar[bool] = False  # works on plain logits, so also with model.head: fixed (a row per class from the start)
+    default_head: ClassVar[str] = "growing"  # the head that model.head: auto gives
 
     def __init__(self, hp, net: IncrementalNet, ctx: Context):
         """A method with another classifier replaces ``net.head`` here, before any class exists."""
@@ -151,6 +154,11 @@ class Method:
                 f"'mlp' has no convolutional feature maps, which method '{cls.name}' reads with these settings; "
                 "use a convolutional backbone: convnet, resnet32, resnet18 or resnet18_cifar",
             )
+        if cfg.model.head == "auto":
+            cfg.model.head = cls.default_head
+        if cfg.model.head == "fixed" and not cls.fixed_head:
+            raise ConfigError("model.head", f"method '{cls.name}' needs the growing head (it works on the classifier's "
+                              "per-task blocks of rows or on the seen classes' logits only); use model.head: growing")
         if cls.memory_use == "required":
             if cfg.memory.per_class is not None:
                 if cfg.memory.per_class <= 0:
@@ -285,7 +293,8 @@ class Method:
             train_mode: Callable[[], None] | None = None, desc: str = "", stream: bool = False) -> dict:
         """Run the training loop with this method's batching and step hook (and ``train_mode``, the
         modes of the stage: the method's own by default). ``stream``: the task's main training, whose
-        batches a stream memory observes (:meth:`observe`)."""
+        batches a stream memory observes (:meth:`observe`) and whose optimizer may continue the previous
+        task's (``train.keep_optimizer``)."""
         after_step = self.after_step
         if stream and self.memory is not None and getattr(self.memory, "streaming", False):
             def after_step() -> None:
@@ -294,7 +303,7 @@ class Method:
                     idx = self.at.indices
                     self.observe(idx, self.ctx.train_data.labels[idx.to(self.ctx.train_data.labels.device)])
         return self.ctx.fit(groups, indices, stage, loss, batches=self.epoch_batches, train_mode=train_mode or self.train_mode,
-                            before_step=self.before_step, after_step=after_step, desc=desc)
+                            before_step=self.before_step, after_step=after_step, desc=desc, main=stream)
 
     def memory_batch(self, n: int, augment: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``n`` exemplars drawn uniformly without replacement from the whole memory (all when fewer):

@@ -55,6 +55,7 @@ class ER(StreamReplay):
     name = "er"
     paper = "Chaudhry, Rohrbach, Elhoseiny, Ajanthan, Dokania, Torr & Ranzato, On Tiny Episodic Memories in Continual Learning, 2019"
     Hyper = ERHyper
+    fixed_head = True  # CE over every logit: with a fixed head, over all the classes (Mammoth's er)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         batch = self.replay(len(y))

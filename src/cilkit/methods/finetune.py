@@ -30,6 +30,7 @@ class Finetune(Method):
     name = "finetune"
     paper = "Lower bound: finetuning on each task's data (baseline in Rebuffi et al., iCaRL, CVPR 2017)"
     Hyper = FinetuneHyper
+    fixed_head = True  # a fixed head: "all" is the CE over every class of the scenario (Mammoth's sgd)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return masked_ce(self.net(x)["logits"], y, self.n_old, self.hp.ce_mask)
+        return masked_ce(self.net(x)["logits"], y, self.n_old, self.hp.ce_mask, self.task.stop)

@@ -121,9 +121,13 @@ def task_of_classes(task_sizes: list[int], device=None) -> torch.Tensor:
 
 def own_task_ce(logits: torch.Tensor, y: torch.Tensor, task_of_class: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of every sample over the classes of its own task only (the official code's
-    masked outputs: the other tasks' logits are excluded)."""
+    masked outputs: the other tasks' logits are excluded). Columns beyond ``task_of_class`` (a fixed
+    head's classes not seen yet) belong to no sample's task."""
     task_of_class = task_of_class.to(y.device)
-    own = task_of_class[None, : logits.shape[1]] == task_of_class[y][:, None]
+    width = logits.shape[1]
+    if width > len(task_of_class):
+        task_of_class = torch.cat([task_of_class, task_of_class.new_full((width - len(task_of_class),), -1)])
+    own = task_of_class[None, :width] == task_of_class[y][:, None]
     return F.cross_entropy(logits.float().masked_fill(~own, float("-inf")), y)
 
 
@@ -151,6 +155,9 @@ class EpisodicProjection(Method):
     """
 
     memory_use = "required"
+    # a stream memory (reservoir, balanced) works too: its exemplars are used as a task-end memory's
+    selections = ("herding", "random", "reservoir", "balanced")
+    fixed_head = True  # outputs: seen is the CE over every logit; task masks the columns of the sample's own task
 
     def __init__(self, hp, net, ctx):
         super().__init__(hp, net, ctx)

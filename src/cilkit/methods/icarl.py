@@ -47,9 +47,14 @@ class ICaRL(Method):
     paper = "Rebuffi, Kolesnikov, Sperl & Lampert, iCaRL: Incremental Classifier and Representation Learning, CVPR 2017"
     Hyper = ICaRLHyper
     memory_use = "required"
+    # a stream memory (reservoir, balanced) works too: its exemplars are used as a task-end memory's
+    selections = ("herding", "random", "reservoir", "balanced")
     # g^{t-1}, the network after the previous task; its outputs on the same augmented batch are
     # equivalent to storing q_y(x) before training (Alg. 3)
     distills = True
+    # the BCE spans every logit: with a fixed head the unseen classes' columns have target 0 (Mammoth's
+    # icarl: its one-hot targets over all the classes, the teacher's sigmoids on the old ones)
+    fixed_head = True
 
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor | None:
         """The teacher's logits over the old classes only (None on the first task)."""

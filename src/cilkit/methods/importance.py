@@ -32,6 +32,7 @@ class QuadraticPenaltyMethod(Method):
     """Base of the parameter-regularisation methods (not registered: it has no ``name``)."""
 
     memory_use = "none"
+    fixed_head = True  # CE over every logit; the penalty covers every row of a fixed head (all anchored)
 
     def __init__(self, hp, net, ctx):
         super().__init__(hp, net, ctx)

@@ -28,12 +28,11 @@ class Joint(Method):
     name = "joint"
     paper = "Upper bound: training on all data seen so far"
     Hyper = JointHyper
+    fixed_head = True  # the base loss: CE over every logit
 
     def before_task(self, task: Task) -> None:
         if self.hp.reinit and task.index > 0:
-            for module in self.net.modules():
-                if hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
+            self.net.reset_parameters()  # every module's own initialisation, then model.init on the linear layers
 
     def train_indices(self, task: Task) -> torch.Tensor:
         return self.ctx.train_data.indices_of(range(task.stop))

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 
 from cilkit.data.scenario import Task
+from cilkit.errors import ConfigError
 from cilkit.losses import kd_loss, masked_ce
 from cilkit.methods.base import Method
 from cilkit.schema import param
@@ -37,6 +38,14 @@ class LwF(Method):
     paper = "Li & Hoiem, Learning without Forgetting, ECCV 2016"
     Hyper = LwFHyper
     distills = True  # g^{t-1}: the network after the previous task
+    # L_new over the new classes (ce_mask new) or every logit (all: with a fixed head, every class); L_old on the old ones
+    fixed_head = True
+
+    @classmethod
+    def check_config(cls, cfg, hp) -> None:
+        if hp.warmup_epochs > 0 and cfg.model.head == "fixed":
+            raise ConfigError("method_args.warmup_epochs", "LwF's warm-up trains the new task's block of head rows, which "
+                              "model.head: fixed does not have; use model.head: growing or warmup_epochs: 0")
 
     def before_task(self, task: Task) -> None:
         if self.teacher is not None and self.hp.warmup_epochs > 0:
@@ -51,7 +60,7 @@ class LwF(Method):
 
     def new_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """L_new: cross-entropy over the new classes' logits (or over all seen ones)."""
-        return masked_ce(logits, y, self.n_old, self.hp.ce_mask)
+        return masked_ce(logits, y, self.n_old, self.hp.ce_mask, self.task.stop)
 
     def old_loss(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """L_old: KD_T between the student's and the teacher's old-class logits on the same batch."""

@@ -19,3 +19,6 @@ class Replay(Method):
     name = "replay"
     paper = "Experience replay with a herding memory (PyCIL's Replay; Rebuffi et al., CVPR 2017 for herding)"
     memory_use = "required"
+    # a stream memory (reservoir, balanced) works too: its exemplars are used as a task-end memory's
+    selections = ("herding", "random", "reservoir", "balanced")
+    fixed_head = True  # the base loss: CE over every logit

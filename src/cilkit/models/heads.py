@@ -2,6 +2,8 @@
 
 A head keeps its weights as a list of per-task blocks, so "the old classes' rows" and "the new
 classes' rows" are always at hand (WA rescales the new block, UCIR freezes the old ones).
+:class:`FixedLinear` (``model.head: fixed``) is the exception: one block of a row per class of the
+scenario, all there from the start.
 """
 
 from __future__ import annotations
@@ -43,6 +45,29 @@ class IncrementalLinear(nn.Module):
         w = self.weight
         b = torch.cat([blk.bias for blk in self.blocks]) if self.bias else None
         return F.linear(features, w, b)
+
+
+class FixedLinear(nn.Linear):
+    """The single head of the online-CIL papers' code (Mammoth's ER, DER, ER-ACE, GDumb; A-GEM's single
+    head): one linear classifier with a row for every class of the scenario from the start, so the logits
+    have all ``n_classes`` columns at every task and a cross-entropy over them also pushes the logits of
+    the classes not seen yet down. ``add_classes(n)`` only hands the next ``n`` rows to a task; the rows
+    come in no per-task blocks (methods that rescale, freeze or imprint a task's rows need the growing
+    :class:`IncrementalLinear`). nn.Linear's initialisation (or the network's ``init``)."""
+
+    def __init__(self, in_dim: int, n_classes: int, bias: bool = True):
+        super().__init__(in_dim, n_classes, bias=bias)
+        self.in_dim = in_dim
+        self.assigned = 0  # rows handed to the tasks so far (the network's n_classes)
+
+    @property
+    def n_classes(self) -> int:
+        return self.out_features
+
+    def add_classes(self, n: int) -> None:
+        if self.assigned + n > self.out_features:
+            raise ValueError(f"a fixed head of {self.out_features} classes cannot take {n} more after {self.assigned}")
+        self.assigned += n
 
 
 class CosineLinear(nn.Module):

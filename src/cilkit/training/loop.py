@@ -19,7 +19,7 @@ import torch
 from cilkit.errors import CilkitError
 from cilkit.training.progress import Progress
 from cilkit.training.runtime import Runtime
-from cilkit.training.stage import Stage, build_optimizer, build_scheduler
+from cilkit.training.stage import OptimizerState, Stage, build_optimizer, build_scheduler
 
 Batches = Callable[[torch.Tensor, int], list[torch.Tensor]]
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -69,13 +69,15 @@ def fit(
     at: StepInfo | None = None,
     progress: Progress | None = None,
     desc: str = "",
+    optimizer_state: OptimizerState | None = None,
 ) -> dict:
     """Train ``groups`` for ``stage.epochs`` epochs over the training samples ``indices``.
 
     ``train_mode()`` is called at the start of every epoch (it sets the modules' modes for the
     stage), ``before_step()`` between the backward pass and the optimizer step (the gradients are
-    in ``.grad``: GEM's projection), ``after_step()`` after every optimizer step; ``at`` is kept up to date. Returns the
-    images seen, the time taken and the throughput.
+    in ``.grad``: GEM's projection), ``after_step()`` after every optimizer step; ``at`` is kept up to date.
+    ``optimizer_state``: the new optimizer starts from its kept state, and it keeps the optimizer's state at
+    the end (``train.keep_optimizer``). Returns the images seen, the time taken and the throughput.
     """
     at = at if at is not None else StepInfo()
     progress = progress or Progress("off")
@@ -83,6 +85,8 @@ def fit(
     if len(plan) == 0:
         raise RuntimeError(f"{desc}: {len(indices)} training samples are too few for a batch")
     optimizer = build_optimizer(groups, stage)
+    if optimizer_state is not None:
+        optimizer_state.restore(optimizer)
     scheduler = build_scheduler(optimizer, stage, len(plan))
     at.stage, at.epochs = desc, stage.epochs
     progress.start_stage(desc, stage.epochs)
@@ -119,5 +123,7 @@ def fit(
             )
         progress.end_epoch(epoch, stage.epochs, mean, optimizer.param_groups[0]["lr"], rate)
     progress.end_stage()
+    if optimizer_state is not None:
+        optimizer_state.keep(optimizer)
     seconds = time.perf_counter() - start
     return {"images": seen, "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}

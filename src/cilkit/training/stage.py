@@ -1,9 +1,11 @@
-"""A training stage (epochs, optimizer, schedule) and the optimizer and per-iteration schedule it builds."""
+"""A training stage (epochs, optimizer, schedule), the optimizer and per-iteration schedule it builds, and the
+optimizer state a later stage may continue (:class:`OptimizerState`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +33,56 @@ class Stage:
     def replace(self, **changes) -> Stage:
         """A copy with ``changes`` (an extra stage is the task's stage with a few values changed)."""
         return dataclasses.replace(self, **changes)
+
+
+class OptimizerState:
+    """The optimizer's per-parameter state carried from one stage into a later one (``train.keep_optimizer``).
+
+    :meth:`keep` takes, at the end of a stage, the state of the parameters among ``params()`` (the network's);
+    :meth:`restore` hands it to the next stage's new optimizer when it is of the same kind. A parameter it holds
+    no state of (new since) starts fresh. The checkpoint form keys the state by the parameter's position in
+    ``params()`` and holds tensors and numbers only (checkpoints load with ``weights_only``).
+    """
+
+    def __init__(self, params: Callable[[], Iterable[torch.nn.Parameter]]):
+        self._params = params
+        self.kind: str | None = None  # the optimizer's class the state is of (an SGD buffer is no Adam moment)
+        self.state: dict[torch.Tensor, dict] = {}  # parameter -> its optimizer state (tensors hash by identity)
+
+    def keep(self, optimizer: torch.optim.Optimizer) -> None:
+        """Take the state of ``optimizer`` (at the end of its stage), replacing what was kept before."""
+        owned = set(self._params())
+        self.kind = type(optimizer).__name__
+        self.state = {p: dict(s) for p, s in optimizer.state.items() if p in owned and s}
+
+    def restore(self, optimizer: torch.optim.Optimizer) -> None:
+        """Give a new ``optimizer`` the kept state of each of its parameters that has one of the same shape."""
+        if self.kind != type(optimizer).__name__:
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                saved = self.state.get(p)
+                if saved is not None and all(not torch.is_tensor(v) or v.dim() == 0 or v.shape == p.shape
+                                             for v in saved.values()):
+                    # the optimizer updates these tensors in place; the next keep() takes them again
+                    optimizer.state[p] = dict(saved)
+
+    def state_dict(self) -> dict:
+        position = {p: i for i, p in enumerate(self._params())}
+        return {"kind": self.kind, "state": {position[p]: dict(s) for p, s in self.state.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The state of :meth:`state_dict`, onto the parameters of ``params()`` at the same positions (on
+        their device, as ``torch.optim.Optimizer.load_state_dict`` places them)."""
+        params = list(self._params())
+
+        def place(key: str, value, p: torch.Tensor):
+            if not torch.is_tensor(value) or key == "step":  # Adam's step count stays a host scalar
+                return value
+            return value.to(device=p.device, dtype=p.dtype if value.is_floating_point() else value.dtype)
+
+        self.kind = state["kind"]
+        self.state = {params[i]: {k: place(k, v, params[i]) for k, v in s.items()} for i, s in state["state"].items()}
 
 
 def build_optimizer(groups: list[dict], stage: Stage) -> torch.optim.Optimizer:

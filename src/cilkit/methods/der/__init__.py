@@ -1,4 +1,4 @@
-"""DER: Dynamically Expandable Representation.
+"""DER: Dynamically Expandable Representation (not Dark Experience Replay: ``dark-er``, ``dark-er++``).
 
 Shipeng Yan, Jiangwei Xie, Xuming He, "DER: Dynamically Expandable Representation for Class
 Incremental Learning", CVPR 2021. Official code (without masks, "DER w/o P"):
@@ -77,7 +77,8 @@ class DERHyper:
 
 class DER(Method):
     name = "der"
-    paper = "Yan, Xie, He, DER: Dynamically Expandable Representation for Class Incremental Learning, CVPR 2021"
+    paper = ("Yan, Xie, He, DER: Dynamically Expandable Representation for Class Incremental Learning, CVPR 2021 "
+             "(not Buzzega et al.'s Dark Experience Replay: `dark-er`, `dark-er++`)")
     Hyper = DERHyper
     memory_use = "required"
 
