@@ -31,6 +31,7 @@ from cilkit.results.rundir import RunDir, atomic_write_text
 KEYS = [
     ("avg_incremental_accuracy", "avg inc. acc"),
     ("last_accuracy", "last acc"),
+    ("last_task_mean_accuracy", "last task-mean"),
     ("avg_forgetting", "forgetting"),
     ("nme_avg_incremental_accuracy", "NME avg inc."),
     ("nme_last_accuracy", "NME last"),

@@ -217,3 +217,41 @@ def test_offline_memory_methods_take_a_reservoir(tmp_path, method):
     n_train = len(exp.runtime.train_data)
     assert exp.method.memory.seen <= n_train  # each sample offered at most once (first epoch only)
     assert_complete_run(metrics, nme=True)
+
+
+def test_an_online_run_killed_mid_task_resumes_to_the_same_final_metrics(tmp_path, monkeypatch):
+    """Killed halfway through the second task's stream (the reservoir and its stored logits already
+    changed in memory), the run resumes from the last checkpoint: the reservoir's slots, counter and
+    stored logits and the RNG come back with it, and the final metrics equal the uninterrupted run's."""
+    import json
+
+    from cilkit.cli import main
+    from cilkit.experiment import Experiment
+    from cilkit.methods.dark_er import DarkER
+
+    layer = {"method": "dark-er++", "scenario": {"name": "B0-Inc5", "mode": "online"}, "memory": {"size": 50},
+             "model": {"backbone": "mlp", "hidden": [64]}, "train": {"lr": 0.05}}
+    full_exp = Experiment(cilkit.resolve([layer]), tmp_path / "full", progress="off")
+    full = full_exp.execute()
+    original = DarkER.observe
+
+    def killed(self, indices, labels):
+        original(self, indices, labels)
+        if self.task.index == 1 and self.at.step == 30:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(DarkER, "observe", killed)
+    with pytest.raises(KeyboardInterrupt):
+        Experiment(cilkit.resolve([layer]), tmp_path / "cut", progress="off").execute()
+    monkeypatch.setattr(DarkER, "observe", original)
+    partial = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert len(partial["tasks"]) == 1
+    assert main(["run", "--resume", str(tmp_path / "cut"), "--progress", "off"]) == 0
+    resumed = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    for a, b in zip(resumed["tasks"], full["tasks"]):
+        assert a["cnn"] == b["cnn"]
+    assert resumed["summary"]["last_accuracy"] == full["summary"]["last_accuracy"]
+    a = torch.load(tmp_path / "full" / "checkpoints" / "task_001.pt", weights_only=True)["memory"]
+    b = torch.load(tmp_path / "cut" / "checkpoints" / "task_001.pt", weights_only=True)["memory"]
+    assert a["seen"] == b["seen"] and torch.equal(a["slots"], b["slots"])
+    assert torch.equal(a["payload"]["logits"], b["payload"]["logits"])

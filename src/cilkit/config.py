@@ -148,7 +148,7 @@ class Config:
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("cosine", "multistep", "constant")
+SCHEDULES = ("cosine", "multistep", "constant", "sgdr")  # training.stage.lr_factor
 DEVICES = ("auto", "cpu", "cuda", "mps")
 MODES = ("offline", "online")
 NO_NORMALIZATION = "none"  # data.normalization: the images only scaled to [0, 1]

@@ -16,7 +16,10 @@ class Stage:
     """How one stage of training runs: epochs, optimizer and schedule.
 
     The schedule is stepped every iteration: ``cosine`` decays to 0 over the stage, ``multistep``
-    multiplies by ``gamma`` at each epoch in ``milestones``.
+    multiplies by ``gamma`` at each epoch in ``milestones``, ``sgdr`` is cosine annealing with warm
+    restarts (Loshchilov & Hutter, ICLR 2017) set once per epoch, in cycles of 1, 2, 4, ... epochs
+    (T_0 = 1, T_mult = 2), from ``lr`` down to ``min_lr``, after ``warmup_epochs`` epochs at 0.1 ``lr``
+    (GDumb's official schedule: ``CosineAnnealingWarmRestarts`` stepped per epoch after one warm-start epoch).
     """
 
     epochs: int
@@ -29,6 +32,8 @@ class Stage:
     gamma: float = 0.1
     batch_size: int = 128
     augment: bool = True
+    min_lr: float = 0.0  # sgdr: the rate each cycle anneals towards
+    warmup_epochs: int = 0  # sgdr: epochs at 0.1 lr before the first cycle
 
     def replace(self, **changes) -> Stage:
         """A copy with ``changes`` (an extra stage is the task's stage with a few values changed)."""
@@ -101,6 +106,14 @@ def lr_factor(stage: Stage, step: int, steps_per_epoch: int) -> float:
     if stage.schedule == "multistep":
         epoch = step // max(1, steps_per_epoch)
         return stage.gamma ** sum(epoch >= m for m in stage.milestones)
+    if stage.schedule == "sgdr":
+        epoch = step // max(1, steps_per_epoch)
+        if epoch < stage.warmup_epochs:
+            return 0.1
+        e = epoch - stage.warmup_epochs + 1  # cycle c runs over e in [2^c, 2^(c+1)): 1 epoch, then 2, 4, ...
+        cycle = 1 << (e.bit_length() - 1)
+        floor = stage.min_lr / stage.lr
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * (e - cycle) / cycle))
     return 1.0
 
 
