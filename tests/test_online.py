@@ -255,3 +255,13 @@ def test_an_online_run_killed_mid_task_resumes_to_the_same_final_metrics(tmp_pat
     b = torch.load(tmp_path / "cut" / "checkpoints" / "task_001.pt", weights_only=True)["memory"]
     assert a["seen"] == b["seen"] and torch.equal(a["slots"], b["slots"])
     assert torch.equal(a["payload"]["logits"], b["payload"]["logits"])
+
+
+def test_every_packaged_preset_resolves(tmp_path):
+    """Every preset's keys, values and method arguments pass every check that needs no data."""
+    from cilkit.presets import load_yaml, preset_names
+
+    for name in preset_names():
+        cfg = cilkit.resolve([load_yaml(name), {"data": {"root": str(tmp_path)}}])
+        if name.startswith("papers/seq-mnist/"):
+            assert cfg.scenario.mode == "online" and cfg.train.batch_size == 10 and cfg.model.init == "xavier"
