@@ -6,24 +6,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import cilkit
 from cilkit.data.scenario import Task
 from cilkit.memory.stream import StreamMemory
 from cilkit.methods import METHODS
 from cilkit.methods.dark_er import DarkER, DarkERPlusPlus, stored_logits_mse
-from tests.tiny import FakeContext, tiny_cfg, tiny_driver
+from tests.tiny import FakeContext, LinearNet, tiny_cfg, tiny_driver
 
 
-class LinearNet(nn.Module):
-    def __init__(self, d: int = 3, c: int = 4):
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc = nn.Linear(d, c)
-
-    def forward(self, x):
-        return {"logits": self.fc(x)}
 
 
 def method(cls, memory, data, **hp):

@@ -8,7 +8,6 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import cilkit
 from cilkit.data.scenario import Task
@@ -16,19 +15,9 @@ from cilkit.errors import ConfigError
 from cilkit.memory.stream import StreamMemory
 from cilkit.methods.er_ace import ERACE, asymmetric_ce, present_mask
 from cilkit.models.heads import CosineLinear
-from tests.tiny import FakeContext, FixedLogits, assert_complete_run, tiny_driver
+from tests.tiny import FakeContext, LinearNet, FixedLogits, assert_complete_run, tiny_driver
 
 
-class LinearNet(nn.Module):
-    """A network whose logits are a linear map of the input (a hand-made stand-in)."""
-
-    def __init__(self, d: int = 3, c: int = 4):
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc = nn.Linear(d, c)
-
-    def forward(self, x):
-        return {"logits": self.fc(x)}
 
 
 def method(net, memory=None, data=None, **hp) -> ERACE:

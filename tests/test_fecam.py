@@ -200,10 +200,6 @@ def test_a_memory_budget_is_refused():
 
 
 
-def test_the_fixed_head_is_refused():
-    with pytest.raises(ConfigError) as e:
-        cilkit.resolve([{"method": "fecam", "model": {"head": "fixed"}}])
-    assert e.value.field == "model.head"
 
 def test_protocol_presets_drop_the_protocol_memory():
     for protocol in ("digits", "fmnist", "tin32-cpu"):

@@ -125,3 +125,15 @@ class FixedLogits(torch.nn.Module):
 
     def forward(self, x):
         return {"logits": self.logits}
+
+
+class LinearNet(torch.nn.Module):
+    """A network whose logits are a linear map of the input (a hand-made stand-in), seeded."""
+
+    def __init__(self, d: int = 3, c: int = 4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(d, c)
+
+    def forward(self, x):
+        return {"logits": self.fc(x)}

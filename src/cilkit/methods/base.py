@@ -255,7 +255,12 @@ class Method:
         offered once): a stream memory takes in the batch's new data (exemplars riding along in the
         batch are not the stream). Dark Experience Replay overrides it to store logits too."""
         if self.memory is not None and getattr(self.memory, "streaming", False):
-            self.memory.observe(indices, labels, mask=labels >= self.n_old)
+            self.memory.observe(indices, labels, mask=self.stream_part(labels))
+
+    def stream_part(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """Which samples of a training batch are the stream (the task's new data), or None when all are:
+        exemplars mixed into the task's data are not offered again."""
+        return labels >= self.n_old if self.n_old > 0 else None
 
     def after_task(self, task: Task) -> None:
         """Called after training on ``task``; selects the new classes' exemplars when there is a memory."""

@@ -92,7 +92,7 @@ class DarkER(StreamReplay):
 
     def observe(self, indices: torch.Tensor, labels: torch.Tensor) -> None:
         """The stream batch enters the reservoir with the logits the network gave it at this step."""
-        self.memory.observe(indices, labels, mask=labels >= self.n_old, logits=self.step_logits)
+        self.memory.observe(indices, labels, mask=self.stream_part(labels), logits=self.step_logits)
 
 
 class DarkERPlusPlus(DarkER):

@@ -41,6 +41,11 @@ class StreamReplay(Method):
     def train_indices(self, task: Task) -> torch.Tensor:
         return self.ctx.train_data.indices_of(task.classes)
 
+    def stream_part(self, labels: torch.Tensor) -> None:
+        """Every sample of a batch is the stream's (the memory rides in a separate replay batch): no mask,
+        so the insertion needs no boolean indexing (a host sync on a GPU) at every step."""
+        return None
+
     def replay(self, n_stream: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The step's replay batch (images, labels, memory positions), or None while the memory is empty."""
         if len(self.memory) == 0:
