@@ -68,6 +68,40 @@ def test_a_wrong_reservoir_rule_fails_the_same_check():
     assert not torch.all((groups - 0.1).abs() < 4 * se)
 
 
+def _sequential_reservoir(K: int, batches: list[int], seed: int) -> tuple[list[int], list[list[float]]]:
+    """Vitter's algorithm R item by item, given the same uniform draws as the memory (one float64 per
+    item offered, batch by batch): the i-th item (0-based) fills slot i while i < K, else slot
+    floor(u * (i + 1)) when that is < K; the slots' items and payload rows after the stream."""
+    torch.manual_seed(seed)
+    slots, rows, i = [-1] * K, [[float("nan")]] * K, 0
+    for n in batches:
+        u = torch.rand(n, dtype=torch.float64).tolist()
+        for k in range(n):
+            j = i if i < K else int(u[k] * (i + 1))
+            if j < K:
+                slots[j], rows[j] = i, [float(i)]
+            i += 1
+    return slots, rows
+
+
+def test_batched_reservoir_equals_the_item_by_item_rule():
+    """The batched insertion (a scatter in which the later of two items on one slot wins, a copy while
+    the memory has room) leaves exactly the slots and payload of the sequential rule with the same draws;
+    small K and large batches make many items of one batch draw the same slot, and batches cross the
+    moment the memory fills."""
+    K, batches = 7, [3, 2, 5, 1, 20, 20, 9, 40, 40, 40, 2, 33]
+    torch.manual_seed(5)
+    mem, start = StreamMemory(K, "reservoir"), 0
+    for n in batches:
+        idx = torch.arange(start, start + n)
+        mem.observe(idx, idx % 3, logits=idx.double().view(-1, 1))
+        start += n
+    slots, rows = _sequential_reservoir(K, batches, seed=5)
+    assert mem.slots.tolist() == slots and mem.labels.tolist() == [s % 3 for s in slots]
+    assert mem.payload["logits"].tolist() == rows
+    assert mem.seen == sum(batches) and len(mem) == K
+
+
 def test_reservoir_mask_offers_only_the_new_data_and_payload_follows_items():
     mem = StreamMemory(4, "reservoir")
     idx = torch.tensor([10, 11, 12, 13, 14])

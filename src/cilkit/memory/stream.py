@@ -8,9 +8,10 @@ training index, its label and optional per-slot payload (Dark Experience Replay'
 
 - ``reservoir`` (Vitter's algorithm R): the i-th item offered (0-based) fills slot i while the memory
   is not full, then replaces a uniformly drawn slot with probability K / (i + 1), so that every item
-  of the stream is in memory with the same probability K / n. A batch is inserted with one tensor
-  operation: every item draws its slot, and of two items drawing the same slot the later one wins,
-  as in the sequential rule.
+  of the stream is in memory with the same probability K / n. A batch is inserted with a few tensor
+  operations and no per-item Python: every item draws its slot, and of two items drawing the same slot
+  the later one wins (one scatter), as in the sequential rule; while the memory has room for the
+  whole batch, it is copied into the next slots.
 - ``balanced`` (GDumb's greedy class-balanced sampler, Prabhu et al., ECCV 2020, Sec. 3): an item is
   stored while the memory has room; once full, an item of a class holding fewer than K / n_classes
   slots (the classes seen so far, its own included) replaces a random item of a largest class, and
@@ -45,6 +46,7 @@ class StreamMemory:
         self.payload: dict[str, torch.Tensor] = {}
         self.seen = 0  # items offered so far (the reservoir's counter)
         self.filled = 0  # slots in use; reservoir and balanced rules fill slots 0, 1, ... in order
+        self._order: dict[int, torch.Tensor] = {}  # arange(n) of each batch size met (not state)
 
     # -- what is stored ---------------------------------------------------------------------------
 
@@ -84,38 +86,56 @@ class StreamMemory:
                 **payload: torch.Tensor) -> None:
         """Offer the stream's batch (training indices ``idx``, their ``labels``; only where ``mask``),
         with per-item ``payload`` tensors (first dimension = batch) stored beside the items kept."""
-        idx, labels = idx.to(self.device), labels.to(self.device)
-        payload = {k: v.detach().to(self.device) for k, v in payload.items()}
+        if idx.device != self.device or labels.device != self.device:  # (a no-op .to still costs a dispatch)
+            idx, labels = idx.to(self.device), labels.to(self.device)
+        payload = {k: v.detach().to(self.device) if v.requires_grad or v.device != self.device else v
+                   for k, v in payload.items()}
         if mask is not None:
             mask = mask.to(self.device)
             idx, labels = idx[mask], labels[mask]
             payload = {k: v[mask] for k, v in payload.items()}
         if len(idx) == 0:
             return
-        if self.selection == "reservoir":
-            winner = self._reservoir_slots(len(idx))
-        else:
-            winner = self._balanced_slots(labels)
+        start = self.seen
+        winner = self._reservoir_slots(len(idx)) if self.selection == "reservoir" else self._balanced_slots(labels)
+        if winner is None:  # the memory had room for the whole batch: it fills the next slots, in order
+            stop = start + len(idx)
+            self.slots[start:stop] = idx
+            self.labels[start:stop] = labels
+            for key, value in payload.items():
+                old, value = self._widened(key, value)
+                old[start:stop] = value
+            return
         hit = winner >= 0
         src = winner.clamp(min=0)
         self.slots = torch.where(hit, idx[src], self.slots)
         self.labels = torch.where(hit, labels[src], self.labels)
         for key, value in payload.items():
-            self._store(key, value, hit, src)
+            old, value = self._widened(key, value)
+            value = value[src] if value.dtype == old.dtype else value[src].to(old.dtype)
+            self.payload[key] = torch.where(hit.view(-1, *([1] * (old.dim() - 1))), value, old)
 
-    def _reservoir_slots(self, n: int) -> torch.Tensor:
-        """For every slot, the position in the batch of the item that takes it (-1: kept as it is)."""
-        K = self.capacity
-        pos = torch.arange(self.seen, self.seen + n, device=self.device, dtype=torch.float64)
-        drawn = (torch.rand(n, device=self.device, dtype=torch.float64) * (pos + 1)).floor().clamp(max=pos)
-        slot = torch.where(pos < K, pos, drawn).long()
-        slot = torch.where(slot < K, slot, torch.full_like(slot, K))  # K: a dump slot for the items not kept
-        order = torch.arange(n, device=self.device)
+    def _reservoir_slots(self, n: int) -> torch.Tensor | None:
+        """For every slot, the position in the batch of the item that takes it (-1: kept as it is); None
+        when the batch fits in the free slots (they are taken in order). A handful of tensor operations
+        whatever the batch (the online step is small, so their count is its overhead): one uniform draw
+        per item, also while the memory fills, so that the random stream does not depend on the phase."""
+        K, seen = self.capacity, self.seen
+        u = torch.rand(n, device=self.device, dtype=torch.float64)
+        self.seen, self.filled = seen + n, min(K, seen + n)
+        if seen + n <= K:
+            return None
+        # item i (0-based over the stream) draws slot floor(u * (i + 1)) in [0, i] (u < 1 in float64, and the
+        # product of an integer m and the largest u rounds below m); it is kept when that slot is < K
+        slot = u.mul_(torch.arange(seen + 1, seen + n + 1, device=self.device, dtype=torch.float64)).long()
+        if seen < K:  # the batch crosses the moment the memory fills: its first items take the free slots
+            slot[: K - seen] = torch.arange(seen, K, device=self.device)
+        slot.clamp_(max=K)  # K: a dump slot for the items not kept
+        order = self._order.get(n)
+        if order is None or order.device != self.device:
+            order = self._order[n] = torch.arange(n, device=self.device)
         winner = torch.full((K + 1,), -1, dtype=torch.long, device=self.device)
-        winner = winner.scatter_reduce(0, slot, order, reduce="amax", include_self=True)[:K]  # the later item wins
-        self.seen += n
-        self.filled = min(K, self.seen)
-        return winner
+        return winner.scatter_reduce_(0, slot, order, reduce="amax")[:K]  # of two items on one slot, the later wins
 
     def _balanced_slots(self, labels: torch.Tensor) -> torch.Tensor:
         """GDumb's greedy rule, item by item on the host (it is sequential)."""
@@ -145,22 +165,23 @@ class StreamMemory:
             winner[slot] = i
         return torch.tensor(winner, dtype=torch.long, device=self.device)
 
-    def _store(self, key: str, value: torch.Tensor, hit: torch.Tensor, src: torch.Tensor) -> None:
-        """Write the kept items' ``value`` into payload ``key``; a wider value (a head that grew)
-        widens the stored tensor, the new columns of older items being NaN (unknown)."""
+    def _widened(self, key: str, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Payload ``key`` (created, NaN, on first use) and the batch's ``value``, made equally wide: a
+        wider value (a head that grew) widens the stored tensor, the new columns of older items being NaN
+        (unknown), and a narrower one is padded with NaN."""
         old = self.payload.get(key)
         if old is None:
-            old = torch.full((self.capacity, *value.shape[1:]), float("nan"), dtype=value.dtype, device=self.device)
+            old = self.payload[key] = torch.full((self.capacity, *value.shape[1:]), float("nan"), dtype=value.dtype,
+                                                 device=self.device)
         if value.dim() > 1 and value.shape[1] > old.shape[1]:
             pad = torch.full((self.capacity, value.shape[1] - old.shape[1], *old.shape[2:]), float("nan"),
                              dtype=old.dtype, device=self.device)
-            old = torch.cat([old, pad], 1)
+            old = self.payload[key] = torch.cat([old, pad], 1)
         elif value.dim() > 1 and value.shape[1] < old.shape[1]:
             pad = torch.full((value.shape[0], old.shape[1] - value.shape[1], *value.shape[2:]), float("nan"),
                              dtype=value.dtype, device=self.device)
             value = torch.cat([value, pad], 1)
-        mask = hit.view(-1, *([1] * (old.dim() - 1)))
-        self.payload[key] = torch.where(mask, value[src].to(old.dtype), old)
+        return old, value
 
     def update_payload(self, key: str, pos: torch.Tensor, value: torch.Tensor) -> None:
         """Overwrite payload ``key`` at slot positions ``pos`` (e.g. a logits refresh)."""
@@ -173,7 +194,8 @@ class StreamMemory:
                 "payload": {k: v.clone() for k, v in self.payload.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.slots = state["slots"].to(self.device)
-        self.labels = state["labels"].to(self.device)
+        # copies: the memory writes its slots in place while it fills, and the state is the caller's
+        self.slots = state["slots"].to(self.device).clone()
+        self.labels = state["labels"].to(self.device).clone()
         self.seen, self.filled = int(state["seen"]), int(state["filled"])
-        self.payload = {k: v.to(self.device) for k, v in state["payload"].items()}
+        self.payload = {k: v.to(self.device).clone() for k, v in state["payload"].items()}
