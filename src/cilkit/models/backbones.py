@@ -210,6 +210,65 @@ def _mlp(shape, **kw) -> MLP:
     return MLP(shape, kw.get("hidden") or (256, 256), last_relu=kw.get("last_relu", True))
 
 
+class GeneralizedBlocks(nn.Module):
+    """The shallow part of a split backbone (MEMO's generalized blocks): the stem and the first stages.
+
+    ``forward(x)`` returns ``{"map": the last of these stages' output, "maps": every one of these stages'}``.
+    """
+
+    def __init__(self, stem: nn.Module, stages: Sequence[nn.Module]):
+        super().__init__()
+        self.stem = stem
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        x, maps = self.stem(x), []
+        for stage in self.stages:
+            x = stage(x)
+            maps.append(x)
+        return {"map": x, "maps": maps}
+
+
+class SpecializedBlock(nn.Module):
+    """The deep part of a split backbone (MEMO's specialized block): the last stages and the global
+    average pooling, on the generalized map; ``forward(map)`` returns ``{"features", "maps"}``."""
+
+    def __init__(self, stages: Sequence[nn.Module], out_dim: int):
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.out_dim = out_dim
+
+    def forward(self, x: torch.Tensor) -> dict:
+        return stage_outputs(self.stages, x)
+
+
+def split_backbone(backbone: nn.Module, deep: int = 1) -> tuple[GeneralizedBlocks, SpecializedBlock]:
+    """Split a ResNet or the ConvNet into its shallow part (stem + all stages but the last ``deep``) and
+    its deep part (the last ``deep`` stages + pooling). The parts hold the backbone's own modules, so
+    ``specialized(generalized(x)["map"])`` is ``backbone(x)``. The MLP has no stages and is refused, and
+    so is a ResNet built with ``penultimate_map`` (its maps do not follow the stages)."""
+    if isinstance(backbone, ResNet):
+        if backbone.penultimate_map:
+            raise ValueError("a ResNet with penultimate_map cannot be split into stages")
+        stem: nn.Module = backbone.stem
+    elif isinstance(backbone, ConvNet):
+        stem = nn.Identity()
+    else:
+        raise ValueError(f"{type(backbone).__name__} has no convolutional stages to split; use convnet or a ResNet")
+    n = len(backbone.stages)
+    if not 1 <= deep < n:
+        raise ValueError(f"the backbone has {n} stages: the deep part takes 1 to {n - 1} of them, got {deep}")
+    shallow, deep_stages = list(backbone.stages[: n - deep]), list(backbone.stages[n - deep :])
+    return GeneralizedBlocks(stem, shallow), SpecializedBlock(deep_stages, backbone.out_dim)
+
+
+def stage_count(name: str, widths: Sequence[int] | None = None) -> int | None:
+    """Stages of backbone ``name`` (what :func:`split_backbone` can split), known before it is built;
+    None for the MLP, which has none."""
+    counts = {"resnet32": 3, "resnet18": 4, "resnet18_cifar": 4, "convnet": len(widths or (32, 64, 128))}
+    return counts.get(name)
+
+
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "resnet32": lambda shape, **kw: resnet32(shape[0], last_relu=kw.get("last_relu", True), **_resnet_options(kw)),
     "resnet18": lambda shape, **kw: resnet18(shape[0], last_relu=kw.get("last_relu", True), **_resnet_options(kw)),

@@ -1,5 +1,6 @@
 """Model parts that grow in width task by task: a backbone of several extractors whose features are
-concatenated (DER's super-feature) and a classifier that grows in rows and columns."""
+concatenated (DER's super-feature), the same on a shared trunk (MEMO's generalized blocks, with a
+specialized block per task), and a classifier that grows in rows and columns."""
 
 from __future__ import annotations
 
@@ -102,3 +103,23 @@ class ExpandableBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> dict:
         outs = [e(x) for e in self.extractors]
         return {"features": torch.cat([o["features"] for o in outs], 1), "maps": outs[-1]["maps"]}
+
+
+class SharedExpandableBackbone(ExpandableBackbone):
+    """MEMO's backbone: generalized blocks phi_g shared by every task, and a specialized block per task,
+    phi(x) = [phi_s1(phi_g(x)); ...; phi_st(phi_g(x))].
+
+    The specialized blocks are the ``extractors`` (``expand`` appends a copy of the newest, ``out_dim`` is
+    the sum of their dimensions); ``generalized`` runs once per batch. ``forward`` returns
+    ``{"features": concat, "maps": phi_g's maps + the newest specialized block's}``. Build the two parts
+    with :func:`cilkit.models.backbones.split_backbone`.
+    """
+
+    def __init__(self, generalized: nn.Module, first: nn.Module):
+        super().__init__(first)
+        self.generalized = generalized
+
+    def forward(self, x: torch.Tensor) -> dict:
+        g = self.generalized(x)
+        outs = [e(g["map"]) for e in self.extractors]
+        return {"features": torch.cat([o["features"] for o in outs], 1), "maps": g["maps"] + outs[-1]["maps"]}

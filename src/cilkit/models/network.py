@@ -117,12 +117,17 @@ def build_network(backbone: str, in_shape: tuple[int, int, int], *, head: str = 
     return IncrementalNet(bb, init=init)
 
 
+def freeze(module: nn.Module) -> nn.Module:
+    """No gradients for ``module`` from now on; the gradients it holds (its last step's) are dropped."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    return module
+
+
 def frozen_copy(module: nn.Module) -> nn.Module:
     """A deep copy in eval mode with no gradients (the teacher of distillation methods)."""
-    teacher = copy.deepcopy(module).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
+    return freeze(copy.deepcopy(module).eval())
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ from cilkit.methods.base import Method, StageOptimizer
 from cilkit.methods.der.masks import MaskedExtractor, anneal_s
 from cilkit.models.expandable import ExpandableBackbone, ExpandingLinear
 from cilkit.models.heads import weight_align_gamma
+from cilkit.models.network import freeze
 from cilkit.schema import param
 from cilkit.training.stage import Stage
 
@@ -102,9 +103,7 @@ class DER(Method):
         """Freeze F_1..F_{t-1}, append F_t (from F_{t-1}), then the larger H_t and a new H_t^a."""
         bb = self.net.backbone
         if task.index > 0:
-            for p in bb.extractors[-1].parameters():
-                p.requires_grad_(False)
-                p.grad = None  # the last step's gradients of task t-1, never used again
+            freeze(bb.extractors[-1])
             last = bb.extractors[-1]
             bb.expand(last.net if isinstance(last, MaskedExtractor) else last)
         if self.hp.mask:
