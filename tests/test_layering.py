@@ -16,7 +16,7 @@ LAYERS = [
     ("training",),
     ("methods",),
     ("config", "presets", "driver"),
-    ("experiment",),
+    ("experiment", "trained", "export", "extend"),
     ("cli", "__main__", "__init__"),
 ]
 # Within a layer: config knows no method and no driver, the driver no config (it is handed built parts).

@@ -1,4 +1,4 @@
-"""The ``cilkit`` command: ``run``, ``methods``, ``configs`` and ``report``.
+"""The ``cilkit`` command: ``run``, ``methods``, ``configs``, ``report``, ``predict``, ``export`` and ``extend``.
 
 Any configuration or data error prints one message naming the field and exits with code 2
 before training starts.
@@ -140,6 +140,93 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _model_parsers(sub) -> None:
+    """``predict`` and ``export``: a finished task of a run as a model."""
+    p = sub.add_parser("predict", help="class names and probabilities of images, from a run's model")
+    p.add_argument("run", metavar="RUN", help="a run folder with at least one finished task")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders of them (recursively) or .npz files")
+    p.add_argument("--head", choices=["cnn", "nme"], default="cnn",
+                   help="the classifier (cnn) or the nearest mean of exemplars (nme, for a method with a memory)")
+    p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
+    p.add_argument("--out", metavar="FILE", help="write every prediction to FILE (.csv or .json)")
+    _model_options(p)
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default: the run's eval.batch_size)")
+    p = sub.add_parser("export", help="a run's model as one TorchScript or ONNX file and classes.json")
+    p.add_argument("run", metavar="RUN", help="a run folder with at least one finished task")
+    p.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
+    p.add_argument("--head", choices=["cnn", "nme"], default="cnn", help="nme: the class means go into the file")
+    p.add_argument("--out", metavar="DIR", help="folder of model.pt / model.onnx (model-nme.* for --head nme) and classes.json "
+                                                    "(default RUN/export)")
+    _model_options(p, device=False)
+
+
+def _model_options(p, device: bool = True) -> None:
+    p.add_argument("--task", type=int, help="the model after task N (counted from 1; default: the last finished)")
+    if device:
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--threads", type=int, help="CPU threads of torch")
+
+
+def cmd_predict(args) -> int:
+    from cilkit.results.rundir import atomic_write_text
+    from cilkit.trained import load
+
+    out = Path(args.out) if args.out else None
+    if out is not None and out.suffix.lower() not in (".csv", ".json"):
+        raise CilkitError(f"--out {out}: give a .csv or .json file")
+    if args.topk < 1 or (args.batch_size is not None and args.batch_size < 1):
+        raise CilkitError("--topk and --batch-size must be positive")
+    model = load(args.run, task=args.task, device=args.device, threads=args.threads)
+    model.check_head(args.head)
+    predictions = model.predict(args.paths, head=args.head, topk=args.topk, batch_size=args.batch_size)
+    shown = 20 if out is not None else None
+    print(predictions.table(shown))
+    if out is not None:
+        about = {"run": str(model.run.path), "task": model.task + 1, "method": model.method.name}
+        text = predictions.to_csv() if out.suffix.lower() == ".csv" else predictions.to_json(**about)
+        try:
+            atomic_write_text(out, text)
+        except OSError as e:
+            raise CilkitError(f"cannot write {out}: {e.strerror or e}") from None
+        print(f"predictions: {out} ({len(predictions)} images)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from cilkit.export import export
+    from cilkit.trained import load
+
+    model = load(args.run, task=args.task, device="cpu", threads=args.threads)
+    written = export(model, args.format, args.out, head=args.head)
+    print(f"{args.format} model: {written['model']} (uint8 images N x {model.prep.height} x {model.prep.width} x "
+          f"{model.prep.channels} -> {model.n_seen} class scores; checked against cilkit, largest difference "
+          f"{written['max_difference']:.2g})\nclasses: {written['classes']}")
+    return 0
+
+
+def _extend_parser(sub) -> None:
+    p = sub.add_parser("extend", help="add the classes of a folder of images as the next task of a finished run (a new run)")
+    p.add_argument("run", metavar="RUN", help="a finished run folder (it is not changed)")
+    p.add_argument("--data", required=True, metavar="NEW_ROOT",
+                   help="NEW_ROOT/train/<class>/ and NEW_ROOT/test/<class>/, or NEW_ROOT/<class>/ (split with the run's "
+                        "data.split_fraction and data.split_seed), or an .npz (x_train, y_train, x_test, y_test, class_names)")
+    p.add_argument("--run-dir", help="the new run folder (default RUN-ext1, RUN-ext2, ...)")
+    p.add_argument("--device", help="auto, cpu, cuda or mps")
+    p.add_argument("--threads", type=int, help="CPU threads of torch")
+    p.add_argument("--progress", choices=["auto", "bars", "plain", "off"], default="auto")
+
+
+def cmd_extend(args) -> int:
+    from cilkit.extend import extend_run
+    from cilkit.results.report import summary_text, task_table
+
+    metrics = extend_run(args.run, args.data, args.run_dir, progress=args.progress, device=args.device, threads=args.threads)
+    print(task_table(metrics))
+    print(summary_text(metrics))
+    print(f"results: {metrics['run_dir']} (extended from {args.run})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cilkit", description="Class-incremental learning experiments.")
     parser.add_argument("--version", action="version", version=f"cilkit {__version__}")
@@ -152,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run folders, e.g. runs/*")
     p.add_argument("--plot", default="cilkit-report.png")
     p.add_argument("--csv", default="cilkit-report.csv")
+    _extend_parser(sub)
+    _model_parsers(sub)
     return parser
 
 
@@ -164,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
-    commands = {"run": cmd_run, "methods": cmd_methods, "configs": cmd_configs, "report": cmd_report}
+    commands = {"run": cmd_run, "methods": cmd_methods, "configs": cmd_configs, "report": cmd_report,
+                "predict": cmd_predict, "export": cmd_export, "extend": cmd_extend}
     try:
         return commands[args.command](args)
     except CilkitError as e:

@@ -42,6 +42,14 @@ class DataConfig:
     # zero-pad every image (train and test) by this many pixels on each side once it is loaded (MNIST's 28 -> 32
     # for a ResNet); statistics computed from the training images count the borders
     pad: int = param(0, ge=0)
+    # folders of the user's images (train/<class>/ + test/<class>/, or a plain <class>/ tree) or .npz files (as
+    # dataset numpy) whose classes come after the scenario's, one task each, in this order, with the next labels:
+    # what `cilkit extend` records. Images are brought to the dataset's size and channels.
+    new_classes: list[str] = field(default_factory=list)
+    # a plain <class>/ tree of new_classes, or a stream task given without a test part: the share of each class's
+    # images kept for testing, drawn with split_seed
+    split_fraction: float = param(0.2, gt=0, lt=1)
+    split_seed: int = param(0, ge=0, le=SEED_MAX)
 
 
 @dataclass
@@ -65,8 +73,13 @@ class ModelConfig:
     # stored logits span every class; growing for the others); the evaluation takes the seen classes' logits
     head: str = "auto"
     # torch: PyTorch's default initialisation; xavier: Mammoth's, on every nn.Linear (weights U(-a, a),
-    # a = sqrt(6 / (fan_in + fan_out)), biases 0; convolutions keep theirs)
+    # a = sqrt(6 / (fan_in + fan_out)), biases 0; convolutions keep theirs); or the path of a PyTorch state_dict of
+    # the backbone (a team's own model, loaded with weights_only=True), optionally with its linear classifier
+    # (cilkit.models.init_weights names the key forms), which then becomes the first task's rows
     init: str = "torch"
+    # with model.init a path: train (the first task trains from the loaded weights), keep (the loaded classifier is the
+    # first task as it is: no training in the first task; the file must hold a classifier of the first task's size)
+    init_first: str = "train"
 
 
 @dataclass
@@ -142,6 +155,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # the run folders this run was extended from (`cilkit extend`), oldest first: their tasks are its first tasks
+    lineage: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -192,6 +207,7 @@ DATASET_PROFILES: dict[str, dict] = {
     # A user's own arrays: the plain built-in defaults (convnet, one schedule for every task, no
     # augmentation), nothing inherited from a benchmark.
     "numpy": {},
+    "stream": {},  # tasks given in Python: the same plain defaults
     # ImageNet-100 style data: ResNet-18, 90 epochs (UCIR's ImageNet schedule); the images keep their
     # own size when they share one (data.image_size resizes them).
     "imagefolder": {
@@ -222,7 +238,17 @@ def validate(cfg: Config) -> None:
     choice("data.dataset", cfg.data.dataset, sorted(DATASETS))
     choice("model.backbone", cfg.model.backbone, sorted(BACKBONES))
     choice("model.head", cfg.model.head, ("auto", *HEADS))
-    choice("model.init", cfg.model.init, INITS)
+    if cfg.model.init not in INITS:
+        path = Path(cfg.model.init).expanduser()
+        if not path.is_file():
+            raise ConfigError("model.init", f"'{cfg.model.init}' is not allowed; choose one of: {', '.join(INITS)}, or the "
+                              "path of an existing file (a PyTorch state_dict of the backbone)")
+    choice("model.init_first", cfg.model.init_first, ("train", "keep"))
+    if cfg.model.init_first == "keep" and cfg.model.init in INITS:
+        raise ConfigError("model.init_first", "keep needs model.init to be the path of a trained model's state_dict")
+    for i, root in enumerate(cfg.data.new_classes):
+        if not Path(root).expanduser().exists():
+            raise ConfigError(f"data.new_classes[{i}]", f"'{root}' does not exist (a folder of images by class, or an .npz)")
     for key, owner in (("widths", "convnet"), ("hidden", "mlp")):
         if getattr(cfg.model, key) is not None and cfg.model.backbone != owner:
             raise ConfigError(f"model.{key}", f"only the {owner} backbone has {key}; '{cfg.model.backbone}' would ignore it: remove it")

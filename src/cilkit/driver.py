@@ -19,6 +19,7 @@ from cilkit.data.scenario import Scenario, Task
 from cilkit.memory.nme import class_means, nme_scores
 from cilkit.methods.base import Method
 from cilkit.metrics import run_summary, task_accuracies
+from cilkit.models.init_weights import InitWeights
 from cilkit.training.runtime import Runtime, rng_state, set_rng_state
 from cilkit.training.stage import OptimizerState
 
@@ -47,10 +48,12 @@ class TaskDriver:
 
     def __init__(self, method: Method, runtime: Runtime, scenario: Scenario, *, topk: int = 5,
                  nme_flip: bool = False, seed: int = 0, info: dict | None = None,
-                 optimizer_state: OptimizerState | None = None):
+                 optimizer_state: OptimizerState | None = None, init: InitWeights | None = None, train_first: bool = True):
         """``info``: what the run's metrics record about its setting beyond the driver's own (backbone, normalisation);
         ``optimizer_state``: the optimizer state the method's context carries between tasks (``train.keep_optimizer``),
-        saved in the checkpoints."""
+        saved in the checkpoints; ``init``: weights trained elsewhere whose classifier (if any) becomes the first
+        task's rows once they are grown; ``train_first=False``: the first task is not trained (that classifier is
+        kept as it is; the method's ``after_task``, the memory and the evaluation run as for any task)."""
         self.method = method
         self.runtime = runtime
         self.scenario = scenario
@@ -59,6 +62,8 @@ class TaskDriver:
         self.seed = seed
         self.info = dict(info or {})
         self.optimizer_state = optimizer_state
+        self.init = init
+        self.train_first = train_first
         self.class_means: torch.Tensor | None = None
         self.records: list[dict] = []
         self.next_task = 0
@@ -78,6 +83,8 @@ class TaskDriver:
         m = self.method
         m.task = task
         m.grow(task)
+        if task.index == 0 and self.init is not None and self.init.head_weight is not None:
+            self.init.load_head(self.net)
         self.runtime.place(self.net)
         m.start_task(task)
         m.before_task(task)
@@ -90,8 +97,12 @@ class TaskDriver:
             self.open_task(task)
         n_tasks = len(self.scenario.tasks)
         with clock("train"):
-            stats = m.fit(m.param_groups(task), m.train_indices(task), m.stage(task), m.loss, desc=f"task {task.index + 1}/{n_tasks}",
-                          stream=True)
+            if task.index == 0 and not self.train_first:
+                log.info("task 1/%d: the classifier of %s is kept as it is (model.init_first: keep)", n_tasks, self.init.path)
+                stats = {"images": 0, "seconds": 0.0, "images_per_s": 0.0}
+            else:
+                stats = m.fit(m.param_groups(task), m.train_indices(task), m.stage(task), m.loss,
+                              desc=f"task {task.index + 1}/{n_tasks}", stream=True)
         with clock("after_task"):  # the method's post-processing, extra stages and exemplar selection
             m.after_task(task)
             m.end_task(task)

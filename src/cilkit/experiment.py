@@ -21,13 +21,15 @@ from cilkit.data.augment import BatchAugment
 from cilkit.data.datasets import pad_images
 from cilkit.data.registry import load_dataset
 from cilkit.data.scenario import Scenario, make_scenario
+from cilkit.data.userdata import append_task, read_new_classes, stream_scenario
 from cilkit.data.store import ImageStore, fits_on_device
 from cilkit.driver import TaskDriver
 from cilkit.errors import CilkitError, ConfigError
 from cilkit.memory.exemplars import ExemplarMemory
 from cilkit.memory.stream import STREAM_RULES, StreamMemory
 from cilkit.methods import METHODS, Method
-from cilkit.models.network import build_network
+from cilkit.models.init_weights import head_takes_rows, read_init
+from cilkit.models.network import INITS, build_network
 from cilkit.presets import load_yaml, merge_layers
 from cilkit.results.plots import plot_run
 from cilkit.results.report import metrics_csv
@@ -70,14 +72,30 @@ def uses_memory(cfg: Config) -> bool:
     return use == "required" or (use == "optional" and bool(cfg.memory.per_class or cfg.memory.size))
 
 
-def build_scenario(cfg: Config) -> Scenario:
-    """Load the dataset and split it into tasks, with every data-dependent check."""
+def build_scenario(cfg: Config, stream=None) -> Scenario:
+    """Load the dataset and split it into tasks (or take the tasks of a ``stream`` given in Python), then append the
+    tasks of ``data.new_classes``, with every data-dependent check."""
     data = cfg.data
-    dataset = load_dataset(data.dataset, data.root, download=data.download, image_size=data.image_size, cache_dir=data.cache_dir)
-    dataset = pad_images(dataset, data.pad)  # before a given normalisation replaces the (recomputed) statistics
-    if data.normalization is not None:
-        dataset.mean, dataset.std = normalization_of(data.normalization, dataset.image_shape[0])
-    scenario = make_scenario(dataset, cfg.scenario.name, cfg.scenario.class_order, cfg.scenario.order_seed, data.n_classes)
+
+    def prepared(dataset):
+        dataset = pad_images(dataset, data.pad)  # before a given normalisation replaces the (recomputed) statistics
+        if data.normalization is not None:
+            dataset.mean, dataset.std = normalization_of(data.normalization, dataset.image_shape[0])
+        return dataset
+
+    if stream is not None:  # the scenario follows the given tasks, not a class order
+        scenario = stream_scenario(stream, test_fraction=data.split_fraction, seed=data.split_seed)
+        loaded_shape = scenario.dataset.image_shape
+        scenario.dataset = prepared(scenario.dataset)
+    else:
+        dataset = load_dataset(data.dataset, data.root, download=data.download, image_size=data.image_size,
+                               cache_dir=data.cache_dir)
+        loaded_shape = dataset.image_shape
+        scenario = make_scenario(prepared(dataset), cfg.scenario.name, cfg.scenario.class_order, cfg.scenario.order_seed,
+                                 data.n_classes)
+    for i, root in enumerate(data.new_classes):  # after the old images: the memory's indices keep their meaning
+        part = read_new_classes(root, loaded_shape, test_fraction=data.split_fraction, seed=data.split_seed)
+        scenario = append_task(scenario, pad_images(part, data.pad), f"data.new_classes[{i}] ({root})")
     if (uses_memory(cfg) and cfg.memory.per_class is None and cfg.memory.selection not in STREAM_RULES
             and cfg.memory.size < scenario.n_classes):
         raise ConfigError(
@@ -136,8 +154,14 @@ def build_driver(cfg: Config, scenario: Scenario, progress: str = "auto") -> Tas
                                     replay_ratio=cfg.memory.replay_ratio)
     hp = cls.parse_args(cfg.method_args)
     # model.head: fixed gives the head a row for every class of the scenario from the start
+    from_file = cfg.model.init not in INITS  # a state_dict trained elsewhere: loaded into the backbone before the method sees it
     net = build_network(cfg.model.backbone, ds.image_shape, hidden=cfg.model.hidden, widths=cfg.model.widths,
-                        head=cfg.model.head, n_classes=scenario.n_classes, init=cfg.model.init, **cls.backbone_kwargs(hp))
+                        head=cfg.model.head, n_classes=scenario.n_classes, init="torch" if from_file else cfg.model.init,
+                        **cls.backbone_kwargs(hp))
+    init = None
+    if from_file:
+        init = read_init(cfg.model.init, net.backbone)
+        init.load_backbone(net.backbone)
     if cfg.train.compile:
         net.backbone.compile(dynamic=False)
     # the network's parameters at the time asked: the state is keyed by them (and by their positions in a checkpoint)
@@ -145,10 +169,43 @@ def build_driver(cfg: Config, scenario: Scenario, progress: str = "auto") -> Tas
     ctx = TrainingContext(runtime, memory, cfg.seed, cfg.train.stage, Progress(progress), optimizer_state)
     method = cls(hp, net, ctx)
     net.apply_init()  # model.init on the linear layers the method added (a head it replaced, a projection head)
+    if init is not None:
+        check_init_head(cfg, init, net, scenario, cls)
     nme_flip = augment.flips if cfg.memory.nme_flip is None else cfg.memory.nme_flip
-    info = {"backbone": cfg.model.backbone, "normalization": {"mean": [float(v) for v in ds.mean], "std": [float(v) for v in ds.std]}}
+    info = {"backbone": cfg.model.backbone, "normalization": {"mean": [float(v) for v in ds.mean], "std": [float(v) for v in ds.std]},
+            # the name of each class label the model outputs (the scenario's order) and the (C, H, W) it takes, padding
+            # included: what cilkit.load needs to predict without reading the dataset again
+            "class_names": [str(n) for n in ds.class_names], "image_shape": [int(v) for v in ds.image_shape]}
+    if cfg.lineage:  # the runs this one was extended from, oldest first
+        info["lineage"] = list(cfg.lineage)
+    if init is not None:
+        info["init"] = {"path": init.path, "first_task": cfg.model.init_first, "head_rows": init.n_head}
     return TaskDriver(method, runtime, scenario, topk=cfg.eval.topk, nme_flip=nme_flip, seed=cfg.seed, info=info,
-                      optimizer_state=optimizer_state)
+                      optimizer_state=optimizer_state, init=init, train_first=cfg.model.init_first != "keep")
+
+
+def check_init_head(cfg: Config, init, net, scenario: Scenario, cls: type[Method]) -> None:
+    """Whether the classifier of ``model.init`` becomes the first task's rows: a linear head of the first task's size.
+
+    Otherwise only the backbone is loaded (``init_first: train``), or the run is refused (``keep``)."""
+    first = scenario.tasks[0].n_classes
+    why = None
+    if init.head_weight is None:
+        why = f"{init.path} holds no linear classifier (fc, head, classifier or linear)"
+    elif not head_takes_rows(net):
+        why = f"method '{cls.name}' replaces the linear classifier ({type(net.head).__name__})"
+    elif init.n_head != first:
+        why = f"its classifier has {init.n_head} rows but the first task has {first} classes"
+    if why is None and cfg.model.init_first == "keep" and uses_memory(cfg) and cfg.memory.selection in STREAM_RULES:
+        raise ConfigError("model.init_first", f"a {cfg.memory.selection} memory fills as the first task's data pass in "
+                          "training, which keep skips; use train")
+    if why is None:
+        return
+    if cfg.model.init_first == "keep":
+        raise ConfigError("model.init_first", f"keep needs the first task's classifier in model.init: {why}; use train")
+    if init.head_weight is not None:
+        log.info("model.init: only the backbone is loaded (%s)", why)
+    init.head_weight = init.head_bias = None
 
 
 def config_digest(config: dict) -> str:
@@ -200,7 +257,9 @@ def _attach_log(run: RunDir) -> logging.Handler:
 class Experiment:
     """A driver bound to a run folder: writes config, metrics, plot and checkpoints."""
 
-    def __init__(self, cfg: Config, run_dir: str | Path | None = None, progress: str = "auto", scenario: Scenario | None = None):
+    def __init__(self, cfg: Config, run_dir: str | Path | None = None, progress: str = "auto", scenario: Scenario | None = None,
+                 stream=None):
+        """``stream``: the tasks given in Python (``data.dataset: stream``; :func:`run`)."""
         self.cfg = cfg
         # What can be checked without the data is checked first: the device, the run folder.
         resolve_device(cfg.device)
@@ -208,7 +267,7 @@ class Experiment:
             RunDir(run_dir).check_writable()
         else:
             RunDir(RUNS).check_writable()
-        self.scenario = scenario or build_scenario(cfg)
+        self.scenario = scenario or build_scenario(cfg, stream)
         self.run = RunDir(run_dir or default_run_dir(cfg, self.scenario))
         self.driver = build_driver(cfg, self.scenario, progress)
         self.progress = progress
@@ -228,8 +287,10 @@ class Experiment:
         return cls(resolve(layers), run_dir, progress)
 
     @classmethod
-    def resume(cls, run_dir: str | Path, progress: str = "auto", device: str | None = None, threads: int | None = None) -> Experiment:
-        """Continue the run in ``run_dir`` after its last finished task (on ``device`` / ``threads`` if given).
+    def resume(cls, run_dir: str | Path, progress: str = "auto", device: str | None = None, threads: int | None = None,
+               stream=None) -> Experiment:
+        """Continue the run in ``run_dir`` after its last finished task (on ``device`` / ``threads`` if given;
+        ``stream``: the same tasks again, for a run whose data were given in Python).
 
         The config must be the one the checkpoints were written with (its digest is in each); an
         unreadable checkpoint falls back to the previous one, which is then continued.
@@ -243,7 +304,7 @@ class Experiment:
             raise RunFolderError(f"cannot resume: {run.config_path} cannot be read ({type(e).__name__})") from None
         digest = config_digest(raw)
         raw.update({k: v for k, v in {"device": device, "threads": threads}.items() if v is not None})
-        exp = cls(check(from_dict(Config, raw)), run_dir, progress)
+        exp = cls(check(from_dict(Config, raw)), run_dir, progress, stream=stream)
         exp.resumed, exp.digest = True, digest
         for ckpt in run.checkpoints():
             try:
@@ -274,6 +335,11 @@ class Experiment:
         out["data"]["normalization"] = {"mean": [float(v) for v in ds.mean], "std": [float(v) for v in ds.std]}
         if self.method.memory is None:  # no budget is used: none is recorded (it would be refused on a rerun)
             out["memory"].update(size=None, per_class=None)
+        if self.cfg.data.dataset == "stream":  # the tasks given: their sizes are the scenario
+            out["scenario"].update(name=list(self.scenario.increments), class_order="identity")
+        if self.cfg.model.init not in INITS:  # the files read, wherever the run is resumed or extended from
+            out["model"]["init"] = str(Path(self.cfg.model.init).expanduser().resolve())
+        out["data"]["new_classes"] = [str(Path(p).expanduser().resolve()) for p in self.cfg.data.new_classes]
         return out
 
     def start(self) -> None:
@@ -342,15 +408,23 @@ class Experiment:
             plot_run(metrics, self.run.path / "accuracy.png")
 
 
-def run(config: dict | Config | str | None = None, run_dir: str | Path | None = None, progress: str = "off", **overrides) -> dict:
+def run(config: dict | Config | str | None = None, run_dir: str | Path | None = None, progress: str = "off", stream=None,
+        **overrides) -> dict:
     """Python API: run an experiment and return its metrics.
 
     ``config`` is a dict of config keys, a :class:`Config`, or a YAML file / preset name;
     ``overrides`` are more config keys (``run(method="finetune", train={"epochs": 3})``).
+    ``stream``: the user's own tasks, in order, instead of a dataset (``data.dataset`` becomes ``stream``):
+    each ``{"x": images, "y": labels, "class_names": [...]}`` (or ``(x, y)``), a ``torch.utils.data.Dataset``
+    of ``(image, label)``, or ``{"train": ..., "test": ...}`` of those; a task without a test part is split
+    per class (``data.split_fraction``, ``data.split_seed``). :mod:`cilkit.data.userdata` says what is accepted.
     """
     if isinstance(config, Config):
+        if stream is not None:
+            config.data.dataset = "stream"
         cfg = check(config)
     else:
         layers = [load_yaml(config)] if isinstance(config, str) else [config or {}]
-        cfg = resolve(layers + [overrides])
-    return Experiment(cfg, run_dir, progress).execute()
+        layers += [overrides] + ([{"data": {"dataset": "stream"}}] if stream is not None else [])
+        cfg = resolve(layers)
+    return Experiment(cfg, run_dir, progress, stream=stream).execute()

@@ -45,14 +45,22 @@ _POOL_CHUNK = 1000
 _MAX_LISTED = 20  # corrupt files named in one error; the rest are counted
 
 
+def fit_image(image: Image.Image, height: int, width: int) -> Image.Image:
+    """Resize (bilinear) to cover ``height`` x ``width``, then crop the centre ``height`` x ``width``: the one
+    resize of cilkit, for an image folder's ``data.image_size``, the images ``extend`` adds and ``predict`` reads."""
+    w, h = image.size
+    if (w, h) == (width, height):
+        return image
+    scale = max(width / w, height / h)
+    nw, nh = max(width, round(w * scale)), max(height, round(h * scale))
+    image = image.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - width) // 2, (nh - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     """Resize the shorter side to ``size`` (bilinear), then crop the centre ``size`` x ``size``."""
-    w, h = image.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((nw, nh), Image.BILINEAR)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return image.crop((left, top, left + size, top + size))
+    return fit_image(image, size, size)
 
 
 def _decode_chunk(job: tuple[list[str], int | None, tuple[int, int, int]]) -> tuple[np.ndarray, list[tuple[str, str]]]:

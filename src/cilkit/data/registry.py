@@ -59,6 +59,13 @@ def _numpy(root, **_):
     return load_numpy(Path(root).expanduser())
 
 
+def _stream(root, **_):
+    from cilkit.errors import DatasetError
+
+    raise DatasetError("this run's data were given in Python as a stream of tasks (cilkit.run(..., stream=[...])); they are "
+                       "not on disk: pass the same stream again (cilkit.Experiment.resume(run_dir, stream=[...]))")
+
+
 _IDX = "the four IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, plain or .gz)"
 DATASETS: dict[str, DatasetSpec] = {
     "digits": DatasetSpec(_digits, False, "nothing: scikit-learn's bundled 8x8 digits"),
@@ -73,6 +80,8 @@ DATASETS: dict[str, DatasetSpec] = {
     ),
     "imagefolder": DatasetSpec(_imagefolder, True, "<root>/train/<class>/* and <root>/test/<class>/* (or val/)"),
     "numpy": DatasetSpec(_numpy, True, "an .npz file with x_train, y_train, x_test, y_test"),
+    # tasks given in Python (cilkit.run(config, stream=[...])): the scenario follows them, nothing is read from disk
+    "stream": DatasetSpec(_stream, False, "tasks given in Python: cilkit.run(config, stream=[...])"),
 }
 
 

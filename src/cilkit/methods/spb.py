@@ -219,7 +219,7 @@ class SPBM(SPB):
         """Logits of each classifier on its rotation of ``x``; also all the features and the rotated batch."""
         stacked, _ = rotations(x)
         f = self.net.backbone(stacked)["features"]
-        views = f.split(len(x))
+        views = f.chunk(N_ROTATIONS)  # not split(len(x)): a trace (export) keeps the batch size free
         return [head(v) for head, v in zip(self.classifiers(), views)], f, stacked
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -234,4 +234,4 @@ class SPBM(SPB):
             return self.net(x)
         logits, f, _ = self.perspective_logits(x)
         p = ensemble_probabilities(logits)
-        return {"logits": p.clamp_min(1e-30).log(), "features": f[: len(x)]}
+        return {"logits": p.clamp_min(1e-30).log(), "features": f[: x.shape[0]]}

@@ -137,7 +137,7 @@ class LocalSimilarityClassifier(CosineLinear):
         s = self.cosine(features)
         if self.similarity == "neg_sq_distance":
             s = -(2.0 - 2.0 * s).clamp_min(0.0)
-        return s.view(len(features), -1, self.proxies)
+        return s.unflatten(1, (-1, self.proxies))  # not view(len(features), ...): a trace (export) keeps the batch free
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         s = self.proxy_similarities(features)
