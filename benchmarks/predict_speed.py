@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 import cilkit
-from cilkit.trained import _decode, collect
+from cilkit.data.inputs import _decode, collect
 
 
 def train(root: Path, backbone: str, threads: int) -> Path:

@@ -8,7 +8,7 @@ import torch
 
 import cilkit
 from cilkit.errors import ConfigError
-from cilkit.memory.exemplars import ExemplarMemory, repeat_to
+from cilkit.memory.exemplars import repeat_to
 from cilkit.memory.nme import class_means, nme_scores
 from cilkit.memory.stream import StreamMemory
 from tests.tiny import assert_complete_run, open_task, tiny_driver
