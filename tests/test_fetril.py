@@ -1,11 +1,10 @@
 """FeTrIL: the translation sources, the pseudo-features, the SVM and FC classifiers, the frozen extractor, resume."""
 
-import io
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import FakeContext, assert_complete_run, smoke_run, tiny_cfg, tiny_driver
+from tiny import FakeContext, assert_complete_run, reload_through_weights_only, smoke_run, tiny_cfg, tiny_driver
 
 import cilkit
 from cilkit.data.scenario import Task
@@ -145,11 +144,7 @@ def test_state_is_tensors_that_load_with_weights_only():
     m = _method()
     _learn(m, T0, FEATS)
     _learn(m, T1, FEATS)
-    buf = io.BytesIO()
-    torch.save(m.state_dict(), buf)
-    buf.seek(0)
-    fresh = _method()
-    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    fresh = reload_through_weights_only(m, _method())
     for key in ("means", "svm_weight", "svm_bias"):
         assert torch.equal(getattr(fresh, key), getattr(m, key))
 

@@ -1,12 +1,11 @@
 """PASS: prototype augmentation (the radius from the class variances), the rotation labels and head, the loss
 and its weights, the feature distillation, the inference over the unrotated rows, the state, the config."""
 
-import io
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import FakeContext, tiny_cfg
+from tiny import FakeContext, reload_through_weights_only, tiny_cfg
 
 import cilkit
 from cilkit.data.scenario import Task
@@ -218,28 +217,19 @@ def test_state_is_tensors_that_load_with_weights_only():
     m = _method()
     _learn(m, T0, FEATS)
     _learn(m, T1, FEATS)
-    buf = io.BytesIO()
-    torch.save(m.state_dict(), buf)
-    buf.seek(0)
-    fresh = _method()
-    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    fresh = reload_through_weights_only(m, _method())
     for key in ("prototypes", "variances", "radius"):
         assert torch.equal(getattr(fresh, key), getattr(m, key))
 
 
 def test_config_refuses_a_memory_budget_and_bad_options():
-    with pytest.raises(ConfigError) as e:
-        cilkit.resolve([{"method": "pass", "memory": {"size": 100}}])
-    assert e.value.field == "memory.size"
-    with pytest.raises(ConfigError) as e:
-        cilkit.resolve([{"method": "pass", "method_args": {"radius": "last"}}])
-    assert e.value.field == "method_args.radius"
-    with pytest.raises(ConfigError) as e:
-        cilkit.resolve([{"method": "pass", "method_args": {"temperature": 0}}])
-    assert e.value.field == "method_args.temperature"
-    with pytest.raises(ConfigError) as e:
-        cilkit.resolve([{"method": "pass", "model": {"head": "fixed"}}])
-    assert e.value.field == "model.head"
+    for layer, field in (({"memory": {"size": 100}}, "memory.size"),
+                         ({"method_args": {"radius": "last"}}, "method_args.radius"),
+                         ({"method_args": {"temperature": 0}}, "method_args.temperature"),
+                         ({"model": {"head": "fixed"}}, "model.head")):
+        with pytest.raises(ConfigError) as e:
+            cilkit.resolve([{"method": "pass", **layer}])
+        assert e.value.field == field
 
 
 def test_presets_resolve_with_the_paper_s_optimizer(tmp_path):
